@@ -1,0 +1,1 @@
+"""The tracker's side: recognizers, input-transform countermeasures and model adaptation."""

@@ -1,0 +1,23 @@
+"""The recognizer zoo: real pretrained face-embedding models behind the :class:`Recognizer` contract."""
+
+from __future__ import annotations
+
+from cloakbench.attacks.recognizers.base import (
+    Alignment,
+    Capabilities,
+    ChannelOrder,
+    InputSpec,
+    Recognizer,
+    TorchRecognizer,
+)
+from cloakbench.attacks.recognizers.zoo import RECOGNIZERS
+
+__all__ = [
+    "RECOGNIZERS",
+    "Alignment",
+    "Capabilities",
+    "ChannelOrder",
+    "InputSpec",
+    "Recognizer",
+    "TorchRecognizer",
+]

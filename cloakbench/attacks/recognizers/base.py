@@ -1,0 +1,190 @@
+"""The recognizer contract.
+
+A :class:`Recognizer` maps canonical images (float32 [B, 3, H, W], RGB, [0, 1]) to L2-normalised
+embeddings [B, D]. Everything a model needs beyond that (its input size, channel order, value scaling,
+flip test-time augmentation) is declared in its :class:`InputSpec` and applied by :meth:`Recognizer.embed`,
+so callers never preprocess and nothing is guessed from graph node names.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from typing import final
+
+import torch
+import torch.nn.functional as F
+
+from cloakbench.config import require
+from cloakbench.errors import ImageContractError
+from cloakbench.images import check_images
+
+
+class ChannelOrder(enum.Enum):
+    RGB = "rgb"
+    BGR = "bgr"
+
+
+class Alignment(enum.Enum):
+    """The face crop a model was trained on."""
+
+    ARCFACE_112 = "arcface-112"  # 5-point similarity transform to the insightface 112x112 template
+    NONE = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """What the model's first layer wants, stated explicitly.
+
+    The model receives ``((x * scale) - mean) / std`` per channel, where ``x`` is the image resized to
+    ``size`` and reordered to ``channel_order``. A model that normalises inside its own graph (SFace does)
+    declares ``scale=255, mean=0, std=1`` and says so in ``note``.
+    """
+
+    size: tuple[int, int]  # (height, width)
+    channel_order: ChannelOrder
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    alignment: Alignment
+    flip_tta: bool = False
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.size[0] > 0 and self.size[1] > 0, f"InputSpec.size must be positive, got {self.size}")
+        require(self.scale > 0, f"InputSpec.scale must be positive, got {self.scale}")
+        require(all(s > 0 for s in self.std), f"InputSpec.std must be positive, got {self.std}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    differentiable: bool  # gradients w.r.t. the input are available (white box)
+    batched: bool
+    devices: tuple[str, ...]  # "cpu", "cuda"
+    gradient_free_reason: str = ""
+
+
+class Recognizer(abc.ABC):
+    """A face-embedding model behind the canonical image contract."""
+
+    name: str
+    spec: InputSpec
+    capabilities: Capabilities
+    embedding_dim: int
+
+    @abc.abstractmethod
+    def _forward(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings [B, D] for preprocessed input (already resized, reordered and scaled)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Recognizer:
+        """Move to ``device``; recognizers that live on the CPU only accept "cpu"."""
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"recognizer {self.name!r} runs on the CPU only; asked for {device}")
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Canonical images -> model input, per :attr:`spec` (differentiable)."""
+        spec = self.spec
+        x = images
+        if tuple(x.shape[-2:]) != spec.size:
+            x = F.interpolate(x, size=spec.size, mode="bilinear", align_corners=False, antialias=True)
+        if spec.channel_order is ChannelOrder.BGR:
+            x = x.flip(1)
+        x = x * spec.scale
+        mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images.to(self.device))
+        feats = self._forward(x)
+        if self.spec.flip_tta:
+            feats = feats + self._forward(x.flip(-1))
+        if feats.ndim != 2 or feats.shape[1] != self.embedding_dim:
+            raise RuntimeError(
+                f"recognizer {self.name!r} returned shape {list(feats.shape)}, expected [B, {self.embedding_dim}]"
+            )
+        return F.normalize(feats, dim=1)
+
+    @final
+    def embed(self, images: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """L2-normalised embeddings [B, D] of canonical images.
+
+        Runs under ``torch.inference_mode()`` unless ``grad=True``, which only differentiable recognizers
+        accept.
+        """
+        check_images(images, what=f"{self.name}.embed input")
+        if images.shape[0] == 0:
+            return torch.zeros((0, self.embedding_dim), dtype=torch.float32)
+        if grad:
+            if not self.capabilities.differentiable:
+                raise ImageContractError(
+                    f"recognizer {self.name!r} is a black box and gives no gradients "
+                    f"({self.capabilities.gradient_free_reason or 'not differentiable'})"
+                )
+            return self._embed(images)
+        with torch.inference_mode():
+            out = self._embed(images)
+        return out.clone()  # cloned outside inference mode: a normal tensor that autograd code may use
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """Images per forward pass: small on CPUs (activations stay in cache), large on GPUs.
+
+        Measured on a 2-core CPU with SFace: 16 ms/image at batch 8, 34 at 32, 64 at 128; forward+backward
+        26 ms/image at batch 8 and 110 at 32.
+        """
+        return 8 if self.device.type == "cpu" else 256
+
+    def embed_batched(self, images: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        """Embeddings of a large batch, ``batch_size`` images at a time, returned on the CPU."""
+        batch_size = batch_size or self.preferred_batch_size
+        outs = [self.embed(images[i : i + batch_size]).cpu() for i in range(0, images.shape[0], batch_size)]
+        if not outs:
+            return torch.zeros((0, self.embedding_dim), dtype=torch.float32)
+        return torch.cat(outs)
+
+    def describe(self) -> dict[str, object]:
+        spec = self.spec
+        return {
+            "name": self.name,
+            "embedding_dim": self.embedding_dim,
+            "input": f"{spec.size[0]}x{spec.size[1]} {spec.channel_order.value} x{spec.scale:g} "
+            f"mean={list(spec.mean)} std={list(spec.std)} align={spec.alignment.value} "
+            f"flip_tta={spec.flip_tta}",
+            "differentiable": self.capabilities.differentiable,
+            "devices": list(self.capabilities.devices),
+        }
+
+
+class TorchRecognizer(Recognizer):
+    """A white-box recognizer backed by an ``nn.Module`` kept in eval mode."""
+
+    def __init__(self, *, name: str, module: torch.nn.Module, spec: InputSpec, embedding_dim: int) -> None:
+        self.name = name
+        self.module = module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.spec = spec
+        self.embedding_dim = embedding_dim
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+        self.capabilities = Capabilities(differentiable=True, batched=True, devices=devices)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> TorchRecognizer:
+        self.module.to(device)
+        return self
+
+    def _forward(self, model_input: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.module(model_input)
+        return out

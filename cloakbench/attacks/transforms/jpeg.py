@@ -1,0 +1,57 @@
+"""JPEG recompression with the real codec (Pillow's libjpeg), per image."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cloakbench.attacks.transforms.base import InputTransform
+from cloakbench.config import build, require, to_plain
+from cloakbench.images import from_uint8, to_uint8
+
+_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class JPEGConfig:
+    quality: int = 75
+    subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:2:0"  # Pillow's and most web encoders' default
+
+    def __post_init__(self) -> None:
+        require(1 <= self.quality <= 100, f"quality must be in 1..100, got {self.quality}")
+
+
+def jpeg_roundtrip(image: np.ndarray, *, quality: int, subsampling: str) -> np.ndarray:
+    """Encode one uint8 RGB [H, W, 3] array as JPEG in memory and decode it back."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=_SUBSAMPLING[subsampling])
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
+
+
+class JPEG(InputTransform):
+    def __init__(self, config: JPEGConfig, *, name: str = "jpeg") -> None:
+        self.config = config
+        self.name = name
+
+    @property
+    def intensity(self) -> float:
+        return (100 - self.config.quality) / 99 * 100
+
+    def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        arrays = to_uint8(images)
+        out = np.stack([jpeg_roundtrip(a, quality=self.config.quality, subsampling=self.config.subsampling) for a in arrays])
+        return from_uint8(out).to(images.device)
+
+    def config_dict(self) -> dict[str, object]:
+        return {"name": self.name, "config": to_plain(self.config)}
+
+
+def make_jpeg(*, name: str = "jpeg", **config: Any) -> JPEG:
+    return JPEG(build(JPEGConfig, config, where=f"transform {name!r}"), name=name)

@@ -1,0 +1,1 @@
+"""The bench: suites, protocol, metrics, runner, caches and run folders."""

@@ -1,0 +1,103 @@
+"""Writing a run folder: resolved config, metadata, per-image rows, per-cell summaries, Markdown table.
+
+Layout of ``<run>/``::
+
+    config.yaml       the fully resolved suite
+    metadata.json     UTC time, git commit and dirty flag, package versions, device, providers, threads
+    manifest.csv      the dataset manifest (image id, identity, path, sha256, split)
+    problems.csv      files of the dataset that were left out, and why
+    cloaks.csv        one row per cloaked photo: L-inf, L2, PSNR, SSIM, DSSIM
+    queries.csv       one row per (cell, query photo): prediction, rank, similarity, clean outcome
+    summary.csv       one row per cell, with ``status`` (ok / refused / failed) and ``note``
+    summary.md        the summary as a Markdown table
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cloakbench.bench import metadata
+from cloakbench.bench.runner import RunResult, resolve_device
+from cloakbench.cache import atomic_write_text
+from cloakbench.datasets import split_per_identity
+from cloakbench.reports.tables import markdown_summary
+
+SUMMARY_COLUMNS = [
+    "seed", "defense", "recognizer", "countermeasure", "classifier", "status", "n_identities", "n_queries",
+    "protection_rate", "ci_low", "ci_high", "protection_rate_identity_mean", "top5_accuracy",
+    "clean_accuracy_protected", "clean_accuracy_all", "linf_max", "linf_mean", "l2_mean", "psnr_mean",
+    "ssim_mean", "dssim_max", "cloak_s_per_image", "note",
+]  # fmt: skip
+
+
+def attach_quality(summary: Sequence[Mapping[str, Any]], cloaks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows with the budget each cell's defense actually used (pure)."""
+    groups: dict[tuple[Any, Any], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in cloaks:
+        groups[(row["seed"], row["defense"])].append(row)
+    out = []
+    for row in summary:
+        g = groups.get((row["seed"], row["defense"]), [])
+        extra: dict[str, Any] = {}
+        if g:
+            extra = {
+                "linf_max": max(float(r["linf"]) for r in g),
+                "linf_mean": float(np.mean([r["linf"] for r in g])),
+                "l2_mean": float(np.mean([r["l2"] for r in g])),
+                "psnr_mean": float(np.mean([r["psnr"] for r in g])),
+                "ssim_mean": float(np.mean([r["ssim"] for r in g])),
+                "dssim_max": max(float(r["dssim"]) for r in g),
+            }
+        out.append({**row, **extra})
+    return out
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buffer.getvalue()
+
+
+def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
+    """Write the run folder (see module docstring) and return the summary rows with quality attached."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite = result.suite
+    summary = attach_quality(result.summary, result.cloaks)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(suite.to_dict(), sort_keys=False))
+    meta = metadata.collect(resolve_device(suite.device), onnx_providers=result.onnx_providers)
+    meta["timings_s"] = result.timings
+    meta["dataset"] = {
+        "root": str(result.manifest.root),
+        "digest": result.manifest.digest,
+        "images": len(result.manifest.records),
+        "identities": len(result.manifest.identities),
+        "problems": len(result.manifest.problems),
+    }
+    atomic_write_text(out_dir / "metadata.json", json.dumps(meta, indent=2, default=str))
+    splits = split_per_identity(result.manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
+    manifest_rows = [
+        {"image_id": r.image_id, "identity": r.identity, "path": str(r.path), "sha256": r.sha256, "split": splits[r.image_id].value}
+        for r in result.manifest.records
+    ]
+    atomic_write_text(out_dir / "manifest.csv", _csv_text(manifest_rows, ["image_id", "identity", "path", "sha256", "split"]))
+    problems = [{"path": str(p.path), "reason": p.reason} for p in result.manifest.problems]
+    atomic_write_text(out_dir / "problems.csv", _csv_text(problems, ["path", "reason"]))
+    atomic_write_text(out_dir / "cloaks.csv", _csv_text(result.cloaks))
+    atomic_write_text(out_dir / "queries.csv", _csv_text(result.queries))
+    atomic_write_text(out_dir / "summary.csv", _csv_text(summary, SUMMARY_COLUMNS))
+    atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    return {"summary": summary, "metadata": meta}

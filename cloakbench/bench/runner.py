@@ -1,0 +1,386 @@
+"""The grid runner for the poisoning protocol (DESIGN §4).
+
+For every seed and defense, each protected identity's training photos are cloaked (one identity at a
+time; everybody else stays clean). For every recognizer and countermeasure, the tracker embeds its
+(optionally transformed) enrollment set, fits each classifier and queries the protected identity's clean
+query photos. Protection rate = 1 - top-1 accuracy on those queries; the same recognizer, countermeasure
+and classifier without any cloak gives the clean accuracy, and a protection rate is only reported when
+that clean accuracy reaches the suite's floor.
+
+Cloaked images and embeddings are cached by content (see :mod:`cloakbench.bench.cache`); a failure in
+one defense or recognizer becomes rows with ``status = failed`` and the rest of the grid still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer
+from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
+from cloakbench.bench.cache import ArtifactCache
+from cloakbench.bench.classifiers import CLASSIFIERS
+from cloakbench.bench.metrics import bootstrap_ci, predicted_labels, protection_rate, rank_of_true, topk_correct
+from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Suite
+from cloakbench.config import stable_hash
+from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
+from cloakbench.defenses import DEFENSES, quality_report
+from cloakbench.errors import ConfigError, DatasetError
+from cloakbench.images import from_uint8, to_uint8
+
+log = logging.getLogger(__name__)
+
+CLOAK_VERSION = 1  # bump when the cloaking pipeline changes in a way the configs do not capture
+
+
+@dataclass
+class RunResult:
+    suite: Suite
+    summary: list[dict[str, Any]]
+    queries: list[dict[str, Any]]
+    cloaks: list[dict[str, Any]]
+    manifest: Manifest
+    onnx_providers: dict[str, list[str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    manifest: Manifest
+    images: torch.Tensor  # all photos, canonical
+    labels: tuple[str, ...]
+    shas: tuple[str, ...]
+    train: dict[str, np.ndarray]  # identity -> indices into images
+    query: dict[str, np.ndarray]
+    protected: tuple[str, ...]
+
+    @property
+    def all_train(self) -> np.ndarray:
+        return np.concatenate([self.train[i] for i in sorted(self.train)])
+
+    @property
+    def all_query(self) -> np.ndarray:
+        return np.concatenate([self.query[i] for i in sorted(self.query) if len(self.query[i])])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_manifest(suite: Suite) -> Manifest:
+    if suite.dataset.source is DatasetSource.DEMO:
+        from cloakbench.datasets import demo_dataset
+
+        root, _report = demo_dataset()
+        return scan_folder(root)
+    assert suite.dataset.path is not None
+    return scan_folder(suite.dataset.path)
+
+
+def choose_protected(suite: Suite, manifest: Manifest, eligible: Sequence[str]) -> tuple[str, ...]:
+    cfg = suite.protected
+    if cfg.identities != "all":
+        unknown = [i for i in cfg.identities if i not in eligible]
+        if unknown:
+            raise ConfigError(
+                f"protected.identities: {unknown} not in the dataset (or with fewer than 2 photos); "
+                f"available: {', '.join(eligible)}"
+            )
+        return tuple(cfg.identities)
+    if cfg.count is None:
+        return tuple(eligible)
+    if cfg.count > len(eligible):
+        raise ConfigError(f"protected.count: {cfg.count} asked for, the dataset has {len(eligible)} eligible identities")
+    rng = np.random.default_rng(suite.dataset.split_seed)
+    return tuple(sorted(rng.choice(np.array(eligible), size=cfg.count, replace=False).tolist()))
+
+
+def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
+    splits = split_per_identity(manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
+    images = load_images(manifest.records)
+    labels = tuple(r.identity for r in manifest.records)
+    train: dict[str, list[int]] = {}
+    query: dict[str, list[int]] = {}
+    for i, rec in enumerate(manifest.records):
+        target = train if splits[rec.image_id] is Split.TRAIN else query
+        target.setdefault(rec.identity, []).append(i)
+        train.setdefault(rec.identity, [])
+        query.setdefault(rec.identity, [])
+    eligible = [ident for ident in sorted(train) if train[ident] and query[ident]]
+    if len(eligible) < 2:
+        raise DatasetError(f"{manifest.root}: need at least 2 identities with 2+ photos, found {len(eligible)}")
+    protected = choose_protected(suite, manifest, eligible)
+    return PreparedData(
+        manifest=manifest,
+        images=images,
+        labels=labels,
+        shas=tuple(r.sha256 for r in manifest.records),
+        train={k: np.array(v, dtype=np.int64) for k, v in train.items()},
+        query={k: np.array(v, dtype=np.int64) for k, v in query.items()},
+        protected=protected,
+    )
+
+
+def derive_seed(*parts: Any) -> int:
+    return int(stable_hash(*parts, length=15), 16)
+
+
+class _Models:
+    """Builds each recognizer once per run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cache: dict[str, Recognizer] = {}
+
+    def get(self, name: str) -> Recognizer:
+        if name not in self._cache:
+            rec = RECOGNIZERS.create(name)
+            try:
+                rec = rec.to(self.device)
+            except ValueError:
+                log.info("recognizer %s stays on the CPU", name)
+            self._cache[name] = rec
+        return self._cache[name]
+
+    def onnx_providers(self) -> dict[str, list[str]]:
+        return {n: list(getattr(r, "providers_used", ())) for n, r in self._cache.items() if hasattr(r, "providers_used")}
+
+
+def _progress(items: Iterable[Any], *, enabled: bool, desc: str, total: int) -> Iterator[Any]:
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class _Cloaks:
+    """Cloaked training photos of each protected identity, for one (seed, defense)."""
+
+    images: dict[str, np.ndarray]  # identity -> uint8 [n, H, W, 3]
+    key: dict[str, str]
+    seconds_per_image: float | None
+    error: str | None = None
+
+
+def cloak_all(
+    suite: Suite, data: PreparedData, spec: DefenseSpec, seed: int, models: _Models, cache: ArtifactCache,
+    *, progress: bool, quality_rows: list[dict[str, Any]],
+) -> _Cloaks:  # fmt: skip
+    surrogates = [models.get(s) for s in spec.surrogates]
+    defense = DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **dict(spec.params))
+    out: dict[str, np.ndarray] = {}
+    keys: dict[str, str] = {}
+    seconds = 0.0
+    computed = 0
+    for ident in _progress(data.protected, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(data.protected)):
+        idx = data.train[ident]
+        originals = data.images[idx]
+        key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), seed, ident, [data.shas[i] for i in idx])
+        keys[ident] = stable_hash(key_parts, length=24)
+
+        def compute(originals: torch.Tensor = originals, ident: str = ident) -> np.ndarray:
+            nonlocal seconds, computed
+            generator = torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict()))
+            start = time.perf_counter()
+            cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator)
+            seconds += time.perf_counter() - start
+            computed += originals.shape[0]
+            return to_uint8(cloaked)
+
+        arr = cache.get_or_compute("cloaks", key_parts, compute)
+        out[ident] = arr
+        q = quality_report(originals, from_uint8(arr))
+        for j, i in enumerate(idx):
+            quality_rows.append(
+                {
+                    "seed": seed,
+                    "defense": spec.label,
+                    "identity": ident,
+                    "image_id": data.manifest.records[i].image_id,
+                    **{k: float(v[j]) for k, v in q.items()},
+                }
+            )
+    return _Cloaks(images=out, key=keys, seconds_per_image=(seconds / computed) if computed else None)
+
+
+def _embed(rec: Recognizer, images: torch.Tensor, transform: InputTransform | None, seed: int) -> np.ndarray:
+    if transform is not None:
+        images = transform.apply(images, generator=torch.Generator().manual_seed(seed))
+    return rec.embed_batched(images).numpy()
+
+
+def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: bool = False) -> RunResult:
+    """Run the whole grid and return its rows (nothing is written here; see :mod:`cloakbench.bench.output`)."""
+    cache = cache if cache is not None else ArtifactCache()
+    device = resolve_device(suite.device)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    manifest = load_manifest(suite)
+    data = prepare_data(suite, manifest)
+    timings["data_s"] = time.perf_counter() - t0
+    models = _Models(device)
+    summary: list[dict[str, Any]] = []
+    queries: list[dict[str, Any]] = []
+    cloak_rows: list[dict[str, Any]] = []
+
+    for seed in suite.seeds:
+        cloaks: dict[str, _Cloaks] = {}
+        t = time.perf_counter()
+        for spec in suite.defenses:
+            try:
+                cloaks[spec.label] = cloak_all(suite, data, spec, seed, models, cache, progress=progress, quality_rows=cloak_rows)
+            except Exception as exc:  # one defense failing must not sink the suite
+                log.error("defense %s failed: %s", spec.label, exc)
+                cloaks[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
+        timings[f"cloak_s_seed{seed}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        grid = [(r, c) for r in suite.recognizers for c in suite.countermeasures]
+        for rec_name, cm in _progress(grid, enabled=progress, desc=f"evaluate seed={seed}", total=len(grid)):
+            try:
+                rows_s, rows_q = _evaluate(suite, data, seed, models.get(rec_name), cm, cloaks, cache)
+            except Exception as exc:
+                log.error("recognizer %s with %s failed: %s", rec_name, cm.label, exc)
+                rows_s = [
+                    _failed_row(seed, d.label, rec_name, cm.label, k, _error_text(exc))
+                    for d in suite.defenses
+                    for k in suite.classifiers
+                ]
+                rows_q = []
+            summary.extend(rows_s)
+            queries.extend(rows_q)
+        timings[f"evaluate_s_seed{seed}"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    return RunResult(
+        suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest,
+        onnx_providers=models.onnx_providers(), timings=timings,
+    )  # fmt: skip
+
+
+def _error_text(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-2:]
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
+    return f"{type(exc).__name__}: {exc} [{where}]"
+
+
+def _failed_row(seed: int, defense: str, rec: str, cm: str, clf: str, error: str) -> dict[str, Any]:
+    return {"seed": seed, "defense": defense, "recognizer": rec, "countermeasure": cm, "classifier": clf,
+            "status": "failed", "note": error}  # fmt: skip
+
+
+def _evaluate(
+    suite: Suite, data: PreparedData, seed: int, rec: Recognizer, cm: CountermeasureSpec,
+    cloaks: dict[str, _Cloaks], cache: ArtifactCache,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    transform = TRANSFORMS.create(cm.name, **dict(cm.params))
+    on_enroll = cm.apply_to in (ApplyTo.ENROLLMENT, ApplyTo.BOTH)
+    on_query = cm.apply_to in (ApplyTo.QUERIES, ApplyTo.BOTH)
+    t_seed = derive_seed(seed, cm.label)
+    rec_key = (rec.name, rec.describe())
+    cm_key = (transform.config_dict(), t_seed)
+
+    train_idx = data.all_train
+    query_idx = data.all_query
+    e_train = cache.get_or_compute(
+        "embeddings",
+        ("clean", rec_key, cm_key if on_enroll else None, [data.shas[i] for i in train_idx]),
+        lambda: _embed(rec, data.images[train_idx], transform if on_enroll else None, t_seed),
+    )
+    e_query = cache.get_or_compute(
+        "embeddings",
+        ("clean", rec_key, cm_key if on_query else None, [data.shas[i] for i in query_idx]),
+        lambda: _embed(rec, data.images[query_idx], transform if on_query else None, t_seed),
+    )
+    train_labels = [data.labels[i] for i in train_idx]
+    query_labels = [data.labels[i] for i in query_idx]
+    pos_in_train = {int(i): n for n, i in enumerate(train_idx)}
+    pos_in_query = {int(i): n for n, i in enumerate(query_idx)}
+
+    summary: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for clf_name in suite.classifiers:
+        clean_clf = CLASSIFIERS.create(clf_name).fit(e_train, train_labels)
+        clean_scores = clean_clf.scores(e_query)
+        clean_ranks = rank_of_true(clean_scores, clean_clf.classes, query_labels)
+        clean_all_acc = float(topk_correct(clean_ranks, 1).mean())
+        for spec in suite.defenses:
+            cl = cloaks[spec.label]
+            cell = {"seed": seed, "defense": spec.label, "recognizer": rec.name, "countermeasure": cm.label,
+                    "classifier": clf_name}  # fmt: skip
+            if cl.error is not None:
+                summary.append({**cell, "status": "failed", "note": cl.error})
+                continue
+            correct_all: list[np.ndarray] = []
+            clean_correct_all: list[np.ndarray] = []
+            top5_all: list[np.ndarray] = []
+            per_identity: list[float] = []
+            for ident in data.protected:
+                e_cloak = cache.get_or_compute(
+                    "embeddings",
+                    ("cloaked", rec_key, cm_key if on_enroll else None, cl.key[ident]),
+                    lambda ident=ident: _embed(rec, from_uint8(cl.images[ident]), transform if on_enroll else None, t_seed),  # type: ignore[misc]
+                )
+                enrolled = e_train.copy()
+                rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
+                enrolled[rows_of_ident] = e_cloak
+                clf = CLASSIFIERS.create(clf_name).fit(enrolled, train_labels)
+                q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
+                q_emb = e_query[q_pos]
+                scores = clf.scores(q_emb)
+                ranks = rank_of_true(scores, clf.classes, [ident] * len(q_pos))
+                preds = predicted_labels(scores, clf.classes)
+                correct = topk_correct(ranks, 1)
+                clean_r = clean_ranks[q_pos]
+                clean_correct = topk_correct(clean_r, 1)
+                sims = q_emb @ e_cloak.T
+                sims_clean = q_emb @ e_train[rows_of_ident].T
+                correct_all.append(correct)
+                clean_correct_all.append(clean_correct)
+                top5_all.append(topk_correct(ranks, 5))
+                per_identity.append(protection_rate(correct))
+                for j, qi in enumerate(data.query[ident]):
+                    rows.append({
+                        **cell, "protected_identity": ident, "image_id": data.manifest.records[int(qi)].image_id,
+                        "predicted": preds[j], "rank": int(ranks[j]), "correct": bool(correct[j]),
+                        "rank_clean": int(clean_r[j]), "correct_clean": bool(clean_correct[j]),
+                        "true_similarity": float(sims[j].max()), "true_similarity_clean": float(sims_clean[j].max()),
+                    })  # fmt: skip
+            correct_cat = np.concatenate(correct_all)
+            clean_cat = np.concatenate(clean_correct_all)
+            clean_acc = float(clean_cat.mean())
+            rng = np.random.default_rng(derive_seed("bootstrap", cell))
+            lo, hi = bootstrap_ci(
+                1.0 - correct_cat.astype(np.float64), rng=rng,
+                resamples=suite.bootstrap.resamples, confidence=suite.bootstrap.confidence,
+            )  # fmt: skip
+            row = {
+                **cell, "n_identities": len(data.protected), "n_queries": int(correct_cat.size),
+                "protection_rate": protection_rate(correct_cat), "ci_low": lo, "ci_high": hi,
+                "protection_rate_identity_mean": float(np.mean(per_identity)),
+                "top5_accuracy": float(np.concatenate(top5_all).mean()),
+                "clean_accuracy_protected": clean_acc, "clean_accuracy_all": clean_all_acc,
+                "cloak_s_per_image": cl.seconds_per_image, "status": "ok", "note": "",
+            }  # fmt: skip
+            if clean_acc < suite.clean_accuracy_floor:
+                row.update(
+                    protection_rate=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
+                    protection_rate_identity_mean=float("nan"), status="refused",
+                    note=f"clean accuracy {clean_acc:.3f} is below the floor {suite.clean_accuracy_floor:.3f}: "
+                    "a protection rate would mean nothing",
+                )  # fmt: skip
+            summary.append(row)
+    return summary, rows

@@ -1,0 +1,237 @@
+"""Suite files: a YAML description of a benchmark grid, validated before any work starts.
+
+A suite names a dataset, the protected identities, and the axes of the grid: defenses (with their
+surrogates and parameters), recognizers, countermeasures, classifiers and seeds. Every error names the
+file, the key path and the problem. The resolved suite (defaults filled in) is written next to every run.
+
+Schema (all keys optional unless marked)::
+
+    name: quick                      # required
+    description: ...
+    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10}
+    protected: {identities: all | [names], count: N}   # one protected identity at a time
+    defenses:                        # required, >= 1
+      - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10}}
+    recognizers: [sface, sface-onnx] # required, >= 1
+    countermeasures:                 # default: [{name: none}]
+      - {name: jpeg, label: jpeg-75, params: {quality: 75}, apply_to: enrollment | queries | both}
+    classifiers: [nearest-neighbour, linear]
+    seeds: [0]
+    device: auto | cpu | cuda
+    clean_accuracy_floor: 0.5        # no protection rate is reported below this clean accuracy
+    bootstrap: {resamples: 1000, confidence: 0.95}
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cloakbench.config import build, require, to_plain
+from cloakbench.errors import ConfigError, RegistryError
+
+
+class DatasetSource(enum.Enum):
+    DEMO = "demo"
+    FOLDER = "folder"
+
+
+class ApplyTo(enum.Enum):
+    ENROLLMENT = "enrollment"
+    QUERIES = "queries"
+    BOTH = "both"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    source: DatasetSource = DatasetSource.DEMO
+    path: Path | None = None
+    train_fraction: float = 0.7
+    split_seed: int = 10
+
+    def __post_init__(self) -> None:
+        require(0 < self.train_fraction < 1, f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        if self.source is DatasetSource.FOLDER:
+            require(self.path is not None, "source 'folder' needs a 'path'")
+        else:
+            require(self.path is None, "'path' is only for source 'folder'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtectedConfig:
+    identities: tuple[str, ...] | Literal["all"] = "all"
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.count is not None:
+            require(self.count >= 1, f"count must be >= 1, got {self.count}")
+            require(self.identities == "all", "give either 'identities' as a list or 'count', not both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefenseSpec:
+    name: str
+    label: str = ""
+    surrogates: tuple[str, ...] = ("sface",)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountermeasureSpec:
+    name: str
+    label: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    apply_to: ApplyTo = ApplyTo.ENROLLMENT
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootstrapConfig:
+    resamples: int = 1000
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        require(self.resamples >= 10, f"resamples must be >= 10, got {self.resamples}")
+        require(0.5 <= self.confidence < 1, f"confidence must be in [0.5, 1), got {self.confidence}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suite:
+    name: str
+    description: str = ""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    protected: ProtectedConfig = field(default_factory=ProtectedConfig)
+    defenses: tuple[DefenseSpec, ...]
+    recognizers: tuple[str, ...]
+    countermeasures: tuple[CountermeasureSpec, ...] = (CountermeasureSpec(name="none"),)
+    classifiers: tuple[str, ...] = ("nearest-neighbour", "linear")
+    seeds: tuple[int, ...] = (0,)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    clean_accuracy_floor: float = 0.5
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = to_plain(self)
+        return plain
+
+
+def _require_mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _list_of_mappings(value: Any, where: str, *, shorthand: bool) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list")
+    items = []
+    for i, item in enumerate(value):
+        if shorthand and isinstance(item, str):
+            item = {"name": item}
+        items.append(_require_mapping(item, f"{where}[{i}]"))
+    return items
+
+
+def _labelled(items: tuple[Any, ...], where: str) -> tuple[Any, ...]:
+    """Fill in default labels (the registry name) and reject duplicates."""
+    import dataclasses
+
+    out = tuple(dataclasses.replace(it, label=it.label or it.name) for it in items)
+    seen: dict[str, int] = {}
+    for i, it in enumerate(out):
+        if it.label in seen:
+            raise ConfigError(f"{where}[{i}]: label {it.label!r} repeats {where}[{seen[it.label]}]; give each a distinct 'label'")
+        seen[it.label] = i
+    return out
+
+
+def parse_suite(data: Any, *, where: str) -> Suite:
+    """Validate a suite mapping (from YAML) into a :class:`Suite`; registry names are checked too."""
+    top = dict(_require_mapping(data, where))
+    fields: dict[str, Any] = dict(top)
+    if "dataset" in top:
+        fields["dataset"] = build(DatasetConfig, _require_mapping(top["dataset"], f"{where}: dataset"), where=f"{where}: dataset")
+    if "protected" in top:
+        fields["protected"] = build(ProtectedConfig, _require_mapping(top["protected"], f"{where}: protected"), where=f"{where}: protected")
+    if "bootstrap" in top:
+        fields["bootstrap"] = build(BootstrapConfig, _require_mapping(top["bootstrap"], f"{where}: bootstrap"), where=f"{where}: bootstrap")
+    if "defenses" in top:
+        items = _list_of_mappings(top["defenses"], f"{where}: defenses", shorthand=True)
+        specs = tuple(build(DefenseSpec, it, where=f"{where}: defenses[{i}]") for i, it in enumerate(items))
+        fields["defenses"] = _labelled(specs, f"{where}: defenses")
+    if "countermeasures" in top:
+        items = _list_of_mappings(top["countermeasures"], f"{where}: countermeasures", shorthand=True)
+        specs_c = tuple(build(CountermeasureSpec, it, where=f"{where}: countermeasures[{i}]") for i, it in enumerate(items))
+        fields["countermeasures"] = _labelled(specs_c, f"{where}: countermeasures")
+    else:
+        fields["countermeasures"] = (CountermeasureSpec(name="none", label="none"),)
+    for key in ("recognizers", "classifiers"):
+        if key in top and (not isinstance(top[key], list) or not top[key]):
+            raise ConfigError(f"{where}: {key}: expected a non-empty list of names")
+    suite = build(Suite, fields, where=where)
+    _check_names(suite, where)
+    return suite
+
+
+def _check_names(suite: Suite, where: str) -> None:
+    from cloakbench.attacks.recognizers import RECOGNIZERS
+    from cloakbench.attacks.transforms import TRANSFORMS
+    from cloakbench.bench.classifiers import CLASSIFIERS
+    from cloakbench.defenses import DEFENSES
+
+    def check(registry: Any, name: str, path: str) -> None:
+        try:
+            registry.get(name)
+        except RegistryError as exc:
+            raise ConfigError(f"{where}: {path}: {exc}") from None
+
+    for i, d in enumerate(suite.defenses):
+        check(DEFENSES, d.name, f"defenses[{i}].name")
+        for j, s in enumerate(d.surrogates):
+            check(RECOGNIZERS, s, f"defenses[{i}].surrogates[{j}]")
+    for i, r in enumerate(suite.recognizers):
+        check(RECOGNIZERS, r, f"recognizers[{i}]")
+    for i, c in enumerate(suite.countermeasures):
+        check(TRANSFORMS, c.name, f"countermeasures[{i}].name")
+    for i, k in enumerate(suite.classifiers):
+        check(CLASSIFIERS, k, f"classifiers[{i}]")
+    if len(set(suite.recognizers)) != len(suite.recognizers):
+        raise ConfigError(f"{where}: recognizers: names repeat")
+    if len(set(suite.seeds)) != len(suite.seeds):
+        raise ConfigError(f"{where}: seeds: values repeat")
+
+
+def load_suite(path: Path) -> Suite:
+    """Read and validate a suite YAML file (safe loader)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: suite file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    suite = parse_suite(data, where=str(path))
+    # a relative dataset path is relative to the suite file, not to wherever the command was started
+    if suite.dataset.path is not None and not suite.dataset.path.is_absolute():
+        import dataclasses
+
+        dataset = dataclasses.replace(suite.dataset, path=(path.parent / suite.dataset.path).resolve())
+        suite = dataclasses.replace(suite, dataset=dataset)
+    return suite
+
+
+def builtin_suite_path(name: str) -> Path | None:
+    """Path of a suite shipped with cloakbench (``suites/<name>.yaml``), or None."""
+    from importlib import resources
+
+    candidate = resources.files("cloakbench.suites").joinpath(f"{name}.yaml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def builtin_suites() -> list[str]:
+    from importlib import resources
+
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("cloakbench.suites").iterdir() if p.name.endswith(".yaml"))

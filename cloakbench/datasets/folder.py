@@ -1,0 +1,419 @@
+"""Any folder of ``root/<identity>/<image>`` is a dataset: scan it into a :class:`Manifest`.
+
+Scanning reads and fully decodes every candidate image once, so that a corrupt, truncated, empty or
+mislabelled file is found here, reported as a :class:`Problem` naming its path, and left out, instead of
+crashing a benchmark halfway. What counts as a candidate:
+
+- a file inside an identity folder whose extension is one of :data:`IMAGE_EXTENSIONS` (any case);
+- names starting with ``.`` (``.DS_Store``, ``.ipynb_checkpoints``, editor swap files) are ignored
+  silently, at every level;
+- everything else that is visible is a problem: files directly in ``root``, files with another
+  extension, folders nested inside an identity folder, special files, and identity folders that end up
+  with no usable image.
+
+Identity names are whatever the folder names are (they may look like ``../x`` or ``<script>``): they are
+data, never joined onto output paths by this module, and callers must escape them when they render them.
+
+The scan result is cached as JSON under ``<cache>/manifests/``, keyed by a hash of the absolute root and
+the sorted ``(relative path, size, mtime_ns)`` of every visible entry, so rescanning an unchanged folder
+only lists and stats it. Any change to a file's size or modification time, or any added, removed or
+renamed entry, gives a new key and a full rescan. (A change that keeps both size and mtime_ns, which
+needs a deliberate ``touch -d``, is not detected; :attr:`Manifest.digest` still describes what was hashed.)
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cloakbench.cache import atomic_path, atomic_write_text, cache_dir
+from cloakbench.errors import DatasetError, ImageContractError
+from cloakbench.images import load_image, stack_images
+
+if TYPE_CHECKING:
+    from cloakbench.datasets.splits import Split
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".webp"})
+"""Lower-case file extensions read as images (compared case-insensitively)."""
+
+SCAN_FORMAT = 1
+"""Version of the scan rules and of the cached JSON; bump it when either changes."""
+
+_PROBLEMS_IN_WARNING = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRecord:
+    """One usable image of a dataset."""
+
+    image_id: str
+    """``"<identity>/<filename>"``: the POSIX path relative to the dataset root; unique in a manifest."""
+    identity: str
+    path: Path
+    """Absolute path of the file."""
+    sha256: str
+    """SHA-256 of the file's bytes, as hashed while scanning."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """A visible entry of the dataset folder that was left out, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """The usable images of a dataset folder (sorted by ``image_id``) and the problems found in it."""
+
+    root: Path
+    records: tuple[ImageRecord, ...]
+    problems: tuple[Problem, ...]
+
+    def __post_init__(self) -> None:
+        ids = [r.image_id for r in self.records]
+        for before, after in itertools.pairwise(ids):
+            if not before < after:
+                raise DatasetError(
+                    f"manifest of {self.root}: records must be sorted by image_id without duplicates "
+                    f"({before!r} comes before {after!r})"
+                )
+
+    @functools.cached_property
+    def identities(self) -> tuple[str, ...]:
+        """Sorted names of the identities that have at least one usable image."""
+        return tuple(sorted({r.identity for r in self.records}))
+
+    def by_identity(self) -> dict[str, tuple[ImageRecord, ...]]:
+        """Records grouped by identity (identities sorted; records in ``image_id`` order)."""
+        groups: dict[str, list[ImageRecord]] = {name: [] for name in self.identities}
+        for record in self.records:
+            groups[record.identity].append(record)
+        return {name: tuple(recs) for name, recs in groups.items()}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 over the sorted ``(image_id, sha256)`` pairs: identifies the content, not the location.
+
+        Each pair contributes ``image_id`` (UTF-8) + NUL + the hex SHA-256 + newline, in ``image_id``
+        order; moving the folder or touching files leaves it unchanged, changing any byte does not.
+        """
+        h = hashlib.sha256()
+        for record in self.records:
+            h.update(_encode(record.image_id) + b"\0" + record.sha256.encode("ascii") + b"\n")
+        return h.hexdigest()
+
+    def write_csv(self, path: Path | str, *, splits: Mapping[str, Split] | None = None) -> None:
+        """Write one row per record: ``image_id, identity, path, sha256`` (+ ``split`` when given).
+
+        The file is written atomically. With ``splits`` (from :func:`split_per_identity`) every record
+        must have an entry.
+        """
+        out = Path(path)
+        header = ["image_id", "identity", "path", "sha256"]
+        if splits is not None:
+            missing = [r.image_id for r in self.records if r.image_id not in splits]
+            if missing:
+                raise DatasetError(
+                    f"write_csv {out}: no split for {len(missing)} record(s), e.g. {missing[0]!r}"
+                )
+            header.append("split")
+        rows = [header]
+        for r in self.records:
+            row = [r.image_id, r.identity, str(r.path), r.sha256]
+            if splits is not None:
+                row.append(splits[r.image_id].value)
+            rows.append(row)
+        with (
+            atomic_path(out) as tmp,
+            tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh,
+        ):
+            csv.writer(fh).writerows(rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderEntry:
+    """A file inside an identity folder with an image extension (not yet read)."""
+
+    identity: str
+    path: Path
+    rel: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FolderListing:
+    """What listing ``root/<identity>/<file>`` found, before any file is read (shared with alignment)."""
+
+    candidates: tuple[FolderEntry, ...]
+    problems: tuple[Problem, ...]
+    identities: tuple[str, ...]
+    """Every identity folder that could be listed, sorted (with or without image files)."""
+    fingerprint: tuple[tuple[str, int, int], ...]
+    """Sorted (relative path, size, mtime_ns) of every visible entry (folders end with ``/``)."""
+
+
+def _encode(text: str) -> bytes:
+    # file names on POSIX are bytes; undecodable ones arrive as lone surrogates and must survive hashing
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def list_folder(root: Path) -> FolderListing:
+    """List ``root/<identity>/<file>`` by the rules of the module docstring; no file content is read.
+
+    Raises ``OSError`` when ``root`` itself cannot be listed.
+    """
+    candidates: list[FolderEntry] = []
+    problems: list[Problem] = []
+    identities: list[str] = []
+    fingerprint: list[tuple[str, int, int]] = []
+    for top in _visible_entries(root):
+        path = root / top.name
+        if not top.is_dir():
+            try:
+                st = top.stat()
+                fingerprint.append((top.name, st.st_size, st.st_mtime_ns))
+            except OSError:  # a dangling symbolic link
+                fingerprint.append((top.name, -2, -2))
+            problems.append(Problem(path=path, reason="file outside an identity folder"))
+            continue
+        identity = top.name
+        fingerprint.append((identity + "/", -1, -1))
+        try:
+            entries = _visible_entries(path)
+        except OSError as exc:
+            problems.append(Problem(path=path, reason=f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        identities.append(identity)
+        for entry in entries:
+            file_path = path / entry.name
+            rel = f"{identity}/{entry.name}"
+            if entry.is_dir():
+                fingerprint.append((rel + "/", -1, -1))
+                problems.append(
+                    Problem(path=file_path, reason="folder inside an identity folder (not scanned)")
+                )
+                continue
+            try:
+                st = entry.stat()
+            except OSError as exc:  # e.g. a dangling symbolic link
+                fingerprint.append((rel, -2, -2))
+                problems.append(Problem(path=file_path, reason=f"cannot read: {exc.strerror or exc}"))
+                continue
+            fingerprint.append((rel, st.st_size, st.st_mtime_ns))
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(Problem(path=file_path, reason="not a regular file"))
+                continue
+            suffix = Path(entry.name).suffix
+            if suffix.lower() not in IMAGE_EXTENSIONS:
+                what = f"({suffix})" if suffix else "(no extension)"
+                problems.append(Problem(path=file_path, reason=f"not an image file {what}"))
+                continue
+            candidates.append(FolderEntry(identity=identity, path=file_path, rel=rel))
+    return FolderListing(
+        candidates=tuple(candidates),
+        problems=tuple(problems),
+        identities=tuple(identities),
+        fingerprint=tuple(sorted(fingerprint)),
+    )
+
+
+def _check_file(path: Path) -> tuple[str | None, str]:
+    """Read and fully decode one file: ``(sha256, "")`` when usable, ``(None, reason)`` when not."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    if not data:
+        return None, "empty file"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img.convert("RGB")
+    except UnidentifiedImageError:
+        return None, "cannot decode: not a recognised image format"
+    except Exception as exc:  # any decoder failure on untrusted bytes is a problem, never a crash
+        return None, f"cannot decode: {exc}"
+    return digest, ""
+
+
+def _cache_key(root: Path, walk: FolderListing) -> str:
+    payload = json.dumps(
+        {"format": SCAN_FORMAT, "root": str(root), "entries": walk.fingerprint},
+        ensure_ascii=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+
+def _to_json(manifest: Manifest) -> str:
+    root = manifest.root
+    doc = {
+        "format": SCAN_FORMAT,
+        "root": str(root),
+        "records": [[r.image_id, r.identity, r.sha256] for r in manifest.records],
+        "problems": [[p.path.relative_to(root).as_posix(), p.reason] for p in manifest.problems],
+    }
+    return json.dumps(doc, ensure_ascii=True, indent=0)
+
+
+def _from_json(text: str, root: Path) -> Manifest | None:
+    """The cached manifest, or None when the text is not a valid cache entry for ``root``."""
+    try:
+        doc: Any = json.loads(text)
+        if doc["format"] != SCAN_FORMAT or doc["root"] != str(root):
+            return None
+        records = tuple(
+            ImageRecord(image_id=str(i), identity=str(n), path=root / str(i), sha256=str(s))
+            for i, n, s in doc["records"]
+        )
+        problems = tuple(Problem(path=root / str(p), reason=str(r)) for p, r in doc["problems"])
+        return Manifest(root=root, records=records, problems=problems)
+    except (ValueError, KeyError, TypeError, DatasetError):
+        return None
+
+
+def _warn_problems(manifest: Manifest) -> None:
+    if not manifest.problems:
+        return
+    shown = "; ".join(
+        f"{p.path.relative_to(manifest.root).as_posix()}: {p.reason}"
+        for p in manifest.problems[:_PROBLEMS_IN_WARNING]
+    )
+    more = len(manifest.problems) - _PROBLEMS_IN_WARNING
+    log.warning(
+        "%s: %d problem(s), left out of the dataset: %s%s",
+        manifest.root,
+        len(manifest.problems),
+        shown,
+        f" (and {more} more; see Manifest.problems)" if more > 0 else "",
+    )
+
+
+def resolve_root(root: Path | str) -> Path:
+    """``root`` made absolute; :class:`DatasetError` naming it when it is missing or not a folder."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset folder {path} does not exist")
+    if not path.is_dir():
+        raise DatasetError(f"dataset folder {path} is not a directory")
+    return path.resolve()
+
+
+def scan_folder(root: Path | str) -> Manifest:
+    """Scan ``root/<identity>/<image>`` into a :class:`Manifest` (cached; see the module docstring).
+
+    Raises :class:`DatasetError` naming the path when ``root`` does not exist, is not a directory or
+    holds no usable image at all. Every other defect is a :class:`Problem` in the result, and a warning
+    summarising them is logged.
+    """
+    start = time.perf_counter()
+    resolved = resolve_root(root)
+    try:
+        walk = list_folder(resolved)
+    except OSError as exc:
+        raise DatasetError(f"dataset folder {resolved} cannot be listed: {exc}") from exc
+    try:
+        cache_file: Path | None = cache_dir("manifests") / f"{_cache_key(resolved, walk)}.json"
+    except OSError as exc:  # an unwritable cache slows scanning down; it never stops it
+        log.warning("manifest cache unavailable (%s); scanning %s without it", exc, resolved)
+        cache_file = None
+    manifest: Manifest | None = None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            manifest = _from_json(cache_file.read_text(encoding="utf-8"), resolved)
+        except OSError:
+            manifest = None
+        if manifest is None:
+            log.warning("%s: unreadable manifest cache entry, scanning again", cache_file)
+    from_cache = manifest is not None
+    if manifest is None:
+        manifest = _scan(resolved, walk)
+    if not from_cache and cache_file is not None:
+        try:
+            atomic_write_text(cache_file, _to_json(manifest))
+        except OSError as exc:
+            log.warning("could not cache the manifest of %s at %s: %s", resolved, cache_file, exc)
+    if not manifest.records:
+        raise DatasetError(
+            f"dataset folder {resolved} has no usable image (expected root/<identity>/<image> with "
+            f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}; {len(manifest.problems)} problem(s) found)"
+        )
+    _warn_problems(manifest)
+    log.info(
+        "scanned %s: %d images of %d identities, %d problem(s) in %.3f s%s",
+        resolved,
+        len(manifest.records),
+        len(manifest.identities),
+        len(manifest.problems),
+        time.perf_counter() - start,
+        " (from cache)" if from_cache else "",
+    )
+    return manifest
+
+
+def _scan(root: Path, walk: FolderListing) -> Manifest:
+    records: list[ImageRecord] = []
+    problems = list(walk.problems)
+    for cand in walk.candidates:
+        digest, reason = _check_file(cand.path)
+        if digest is None:
+            problems.append(Problem(path=cand.path, reason=reason))
+            continue
+        records.append(ImageRecord(image_id=cand.rel, identity=cand.identity, path=cand.path, sha256=digest))
+    with_images = {r.identity for r in records}
+    for name in walk.identities:
+        if name in with_images:
+            continue
+        problems.append(Problem(path=root / name, reason="identity folder has no usable images"))
+    records.sort(key=lambda r: r.image_id)
+    problems.sort(key=lambda p: p.path.relative_to(root).as_posix())
+    return Manifest(root=root, records=tuple(records), problems=tuple(problems))
+
+
+def load_images(records: Sequence[ImageRecord]) -> torch.Tensor:
+    """Load records as one canonical float32 ``[B, 3, H, W]`` RGB batch in [0, 1].
+
+    All images must have one size (aligned faces do); otherwise :class:`ImageContractError` names the
+    first file whose size differs from the first record's. A file that can no longer be read raises
+    :class:`DatasetError` naming it.
+    """
+    arrays: list[np.ndarray] = []
+    for record in records:
+        try:
+            array = load_image(record.path)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DatasetError(f"{record.path}: cannot load image: {exc}") from exc
+        if arrays and array.shape != arrays[0].shape:
+            h0, w0 = arrays[0].shape[:2]
+            h, w = array.shape[:2]
+            raise ImageContractError(
+                f"{record.path}: image is {w}x{h}, but {records[0].path} is {w0}x{h0}; "
+                "a batch needs one size (align the faces first)"
+            )
+        arrays.append(array)
+    return stack_images(arrays, what="load_images")

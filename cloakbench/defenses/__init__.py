@@ -1,0 +1,9 @@
+"""Cloaks applied by the user: the :class:`Defense` contract, budgets and the registered defenses."""
+
+from __future__ import annotations
+
+from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
+from cloakbench.defenses.budgets import Budget, BudgetKind, quality_report
+from cloakbench.defenses.registry import DEFENSES
+
+__all__ = ["DEFENSES", "Budget", "BudgetKind", "Defense", "DefenseRequirements", "ThreatModel", "quality_report"]

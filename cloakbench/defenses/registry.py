@@ -1,0 +1,30 @@
+"""The defense registry (``DEFENSES``). Presets are registered names bound to config values."""
+
+from __future__ import annotations
+
+from cloakbench.defenses.base import Defense
+from cloakbench.defenses.noise import make_noise
+from cloakbench.defenses.pgd import make_pgd
+from cloakbench.registry import EntryMeta, Registry
+
+DEFENSES: Registry[Defense] = Registry("defense")
+
+DEFENSES.register(
+    "pgd",
+    make_pgd,
+    meta=EntryMeta(
+        summary="untargeted L-inf PGD on the surrogates' cosine embedding distance (eps 8/255, 10 steps)",
+        paper="Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks",
+        year=2018,
+        venue="ICLR",
+        tags=("poisoning", "white-box surrogate"),
+    ),
+)
+DEFENSES.register(
+    "noise",
+    make_noise,
+    meta=EntryMeta(
+        summary="uniform noise in the L-inf ball (eps 8/255): a sanity baseline, should protect little",
+        tags=("poisoning", "baseline"),
+    ),
+)

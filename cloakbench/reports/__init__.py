@@ -1,0 +1,1 @@
+"""Reports: pure functions over stored results (re-plotting or re-tabulating never recomputes)."""

@@ -99,13 +99,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from cloakbench.bench.suite import load_suite
 
     suite = load_suite(_suite_path(args.suite))
-    cells = len(suite.seeds) * len(suite.defenses) * len(suite.recognizers) * len(suite.countermeasures) * len(suite.classifiers)
+    cells = (
+        len(suite.seeds)
+        * len(suite.defenses)
+        * len(suite.recognizers)
+        * len(suite.countermeasures)
+        * len(suite.classifiers)
+    )
     sys.stdout.write(f"{args.suite}: valid suite {suite.name!r}, {cells} cells\n")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cloakbench", description="Benchmark face cloaking defenses against face recognizers.")
+    parser = argparse.ArgumentParser(
+        prog="cloakbench", description="Benchmark face cloaking defenses against face recognizers."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("suite")
     run.add_argument("--out", help="run folder (default: ./runs/<suite>-<UTC time>)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
-    run.add_argument("--no-cache", action="store_true", help="recompute cloaks and embeddings instead of reusing cached ones")
+    run.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute cloaks and embeddings instead of reusing cached ones",
+    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     mode.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")

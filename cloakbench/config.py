@@ -35,9 +35,7 @@ def build(cls: type[C], data: Mapping[str, Any] | None, *, where: str) -> C:
     missing = sorted(
         name
         for name, f in fields.items()
-        if name not in data
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(map(repr, missing))}")
@@ -81,7 +79,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         return tuple(value)
     if origin in (dict, Mapping) or hint in (dict, Mapping):
         if not isinstance(value, Mapping):

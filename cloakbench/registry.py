@@ -34,15 +34,31 @@ class EntryMeta:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoParams:
+    """The config of components that take no parameters."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Entry(Generic[T]):
     name: str
     factory: Callable[..., T]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     meta: EntryMeta
+    config: type | None = None  # the frozen config dataclass its parameters must fit (checked early)
+    runtime_args: tuple[str, ...] = ()  # arguments that are objects, not config (surrogates, name)
 
     def create(self, **overrides: Any) -> T:
         kwargs = {**self.defaults, **overrides}
         return self.factory(**kwargs)
+
+    def check_params(self, params: Mapping[str, Any], *, where: str) -> None:
+        """Validate parameters against :attr:`config` without building anything (suite validation)."""
+        if self.config is None:
+            return
+        from cloakbench.config import build
+
+        merged = {k: v for k, v in {**self.defaults, **params}.items() if k not in self.runtime_args}
+        build(self.config, merged, where=where)
 
 
 class Registry(Generic[T]):
@@ -59,12 +75,21 @@ class Registry(Generic[T]):
         *,
         meta: EntryMeta,
         defaults: Mapping[str, Any] | None = None,
+        config: type | None = None,
+        runtime_args: tuple[str, ...] = (),
     ) -> Entry[T]:
         if not name or name != name.strip() or any(c.isspace() for c in name):
             raise RegistryError(f"{self.kind} registry: invalid name {name!r}")
         if name in self._entries:
             raise RegistryError(f"{self.kind} registry: {name!r} is already registered")
-        entry = Entry(name=name, factory=factory, defaults=MappingProxyType(dict(defaults or {})), meta=meta)
+        entry = Entry(
+            name=name,
+            factory=factory,
+            defaults=MappingProxyType(dict(defaults or {})),
+            meta=meta,
+            config=config,
+            runtime_args=runtime_args,
+        )
         self._entries[name] = entry
         return entry
 

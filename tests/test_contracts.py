@@ -30,7 +30,7 @@ def test_check_images_rejects_each_violation() -> None:
         check_images(torch.full((1, 3, 2, 2), float("nan")))
     with pytest.raises(ImageContractError, match=r"\[0, 1\]"):
         check_images(ok * 255)
-    with pytest.raises(ImageContractError, match="torch.Tensor"):
+    with pytest.raises(ImageContractError, match=r"torch\.Tensor"):
         check_images(np.zeros((1, 3, 2, 2), np.float32))
 
 
@@ -85,7 +85,7 @@ def test_config_rejects_unknown_keys_by_name_and_where() -> None:
 def test_registered_components_reject_unknown_parameters() -> None:
     with pytest.raises(ConfigError, match="'epsilom'"):
         DEFENSES.create("noise", epsilom=0.1)
-    with pytest.raises(ConfigError, match="quality must be in 1..100"):
+    with pytest.raises(ConfigError, match=r"quality must be in 1\.\.100"):
         TRANSFORMS.create("jpeg", quality=0)
 
 

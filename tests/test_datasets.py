@@ -366,9 +366,7 @@ def test_split_of_an_identity_ignores_other_identities(celeb24_manifest: Manifes
         records=tuple(r for r in celeb24_manifest.records if r.identity in ("Tom_Hanks", "Will_Smith")),
         problems=(),
     )
-    extra = ImageRecord(
-        image_id="AAA_Newcomer/0.png", identity="AAA_Newcomer", path=Path("/x"), sha256="0" * 64
-    )
+    extra = ImageRecord(image_id="AAA_Newcomer/0.png", identity="AAA_Newcomer", path=Path("/x"), sha256="0" * 64)
     more = Manifest(root=celeb24_manifest.root, records=(extra, *celeb24_manifest.records), problems=())
     for other in (split_per_identity(fewer), split_per_identity(more)):
         for image_id, split in other.items():
@@ -443,9 +441,7 @@ def test_align_face_undoes_a_known_warp(celeb24_manifest: Manifest) -> None:
 # --------------------------------------------------------------------------------------------- detection
 
 
-def test_detector_landmarks_match_the_template_on_celeb24(
-    celeb24_manifest: Manifest, detector: YuNetDetector
-) -> None:
+def test_detector_landmarks_match_the_template_on_celeb24(celeb24_manifest: Manifest, detector: YuNetDetector) -> None:
     # Measured on all 1,839 celeb24 images: a face in 1839/1839; mean distance to the template 2.6 / 2.8 /
     # 4.3 / 4.8 / 5.2 px per point (eyes, nose, mouth corners); eyes within 5 px (mean of both) in 92.1 %,
     # all five points within 6 px (mean) in 91.5 %. Swapping the two eyes would put them 35 px off.
@@ -461,9 +457,7 @@ def test_detector_landmarks_match_the_template_on_celeb24(
         assert all(a.score >= b.score for a, b in itertools.pairwise(detections))
         assert best.landmarks.shape == (5, 2)
         errors.append(np.linalg.norm(best.landmarks - ARCFACE_TEMPLATE_112, axis=1))
-        order_ok += (
-            best.landmarks[0, 0] < best.landmarks[1, 0] and best.landmarks[3, 0] < best.landmarks[4, 0]
-        )
+        order_ok += best.landmarks[0, 0] < best.landmarks[1, 0] and best.landmarks[3, 0] < best.landmarks[4, 0]
     n = len(celeb24_manifest.records)
     assert misses <= 0.01 * n
     err = np.array(errors)

@@ -42,7 +42,7 @@ class ArtifactCache:
                 log.warning("%s: unreadable cache entry (%s); recomputing", path, exc)
             else:
                 self.hits += 1
-                return value
+                return np.asarray(value)
         self.misses += 1
         value = compute()
         if self.enabled:

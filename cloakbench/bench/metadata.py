@@ -12,7 +12,17 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("cloakbench", "torch", "numpy", "onnxruntime", "onnx", "opencv-python-headless", "pillow", "scikit-learn", "pyyaml")
+PACKAGES = (
+    "cloakbench",
+    "torch",
+    "numpy",
+    "onnxruntime",
+    "onnx",
+    "opencv-python-headless",
+    "pillow",
+    "scikit-learn",
+    "pyyaml",
+)
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -44,7 +54,11 @@ def package_versions() -> dict[str, str | None]:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
@@ -52,7 +66,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             gpu_name=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             cuda_runtime=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
+            cudnn=torch.backends.cudnn.version(),  # type: ignore[no-untyped-call]
             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
             tf32_cudnn=torch.backends.cudnn.allow_tf32,
             cudnn_benchmark=torch.backends.cudnn.benchmark,

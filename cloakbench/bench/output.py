@@ -27,6 +27,7 @@ import yaml
 
 from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
+from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
 from cloakbench.datasets import split_per_identity
 from cloakbench.reports.tables import markdown_summary
@@ -61,6 +62,18 @@ def attach_quality(summary: Sequence[Mapping[str, Any]], cloaks: Sequence[Mappin
     return out
 
 
+def sort_cells(suite: Suite, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in the suite's own order: seed, defense, recognizer, countermeasure, classifier."""
+    order: dict[str, dict[Any, int]] = {
+        "seed": {v: i for i, v in enumerate(suite.seeds)},
+        "defense": {d.label: i for i, d in enumerate(suite.defenses)},
+        "recognizer": {r: i for i, r in enumerate(suite.recognizers)},
+        "countermeasure": {c.label: i for i, c in enumerate(suite.countermeasures)},
+        "classifier": {k: i for i, k in enumerate(suite.classifiers)},
+    }
+    return sorted(rows, key=lambda r: tuple(order[k].get(r.get(k), -1) for k in order))
+
+
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     if columns is None:
         columns = list(rows[0].keys()) if rows else []
@@ -76,7 +89,7 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     """Write the run folder (see module docstring) and return the summary rows with quality attached."""
     out_dir.mkdir(parents=True, exist_ok=True)
     suite = result.suite
-    summary = attach_quality(result.summary, result.cloaks)
+    summary = sort_cells(suite, attach_quality(result.summary, result.cloaks))
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(suite.to_dict(), sort_keys=False))
     meta = metadata.collect(resolve_device(suite.device), onnx_providers=result.onnx_providers)
     meta["timings_s"] = result.timings
@@ -88,12 +101,23 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
         "problems": len(result.manifest.problems),
     }
     atomic_write_text(out_dir / "metadata.json", json.dumps(meta, indent=2, default=str))
-    splits = split_per_identity(result.manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
+    splits = split_per_identity(
+        result.manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed
+    )
     manifest_rows = [
-        {"image_id": r.image_id, "identity": r.identity, "path": str(r.path), "sha256": r.sha256, "split": splits[r.image_id].value}
+        {
+            "image_id": r.image_id,
+            "identity": r.identity,
+            "path": str(r.path),
+            "sha256": r.sha256,
+            "split": splits[r.image_id].value,
+        }
         for r in result.manifest.records
     ]
-    atomic_write_text(out_dir / "manifest.csv", _csv_text(manifest_rows, ["image_id", "identity", "path", "sha256", "split"]))
+    atomic_write_text(
+        out_dir / "manifest.csv",
+        _csv_text(manifest_rows, ["image_id", "identity", "path", "sha256", "split"]),
+    )
     problems = [{"path": str(p.path), "reason": p.reason} for p in result.manifest.problems]
     atomic_write_text(out_dir / "problems.csv", _csv_text(problems, ["path", "reason"]))
     atomic_write_text(out_dir / "cloaks.csv", _csv_text(result.cloaks))

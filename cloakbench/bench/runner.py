@@ -28,7 +28,13 @@ from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.classifiers import CLASSIFIERS
-from cloakbench.bench.metrics import bootstrap_ci, predicted_labels, protection_rate, rank_of_true, topk_correct
+from cloakbench.bench.metrics import (
+    bootstrap_ci,
+    predicted_labels,
+    protection_rate,
+    rank_of_true,
+    topk_correct,
+)
 from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Suite
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
@@ -102,7 +108,9 @@ def choose_protected(suite: Suite, manifest: Manifest, eligible: Sequence[str]) 
     if cfg.count is None:
         return tuple(eligible)
     if cfg.count > len(eligible):
-        raise ConfigError(f"protected.count: {cfg.count} asked for, the dataset has {len(eligible)} eligible identities")
+        raise ConfigError(
+            f"protected.count: {cfg.count} asked for, the dataset has {len(eligible)} eligible identities"
+        )
     rng = np.random.default_rng(suite.dataset.split_seed)
     return tuple(sorted(rng.choice(np.array(eligible), size=cfg.count, replace=False).tolist()))
 
@@ -155,7 +163,9 @@ class _Models:
         return self._cache[name]
 
     def onnx_providers(self) -> dict[str, list[str]]:
-        return {n: list(getattr(r, "providers_used", ())) for n, r in self._cache.items() if hasattr(r, "providers_used")}
+        return {
+            n: list(getattr(r, "providers_used", ())) for n, r in self._cache.items() if hasattr(r, "providers_used")
+        }
 
 
 def _progress(items: Iterable[Any], *, enabled: bool, desc: str, total: int) -> Iterator[Any]:
@@ -187,7 +197,9 @@ def cloak_all(
     keys: dict[str, str] = {}
     seconds = 0.0
     computed = 0
-    for ident in _progress(data.protected, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(data.protected)):
+    for ident in _progress(
+        data.protected, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(data.protected)
+    ):
         idx = data.train[ident]
         originals = data.images[idx]
         key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), seed, ident, [data.shas[i] for i in idx])
@@ -243,7 +255,9 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
         t = time.perf_counter()
         for spec in suite.defenses:
             try:
-                cloaks[spec.label] = cloak_all(suite, data, spec, seed, models, cache, progress=progress, quality_rows=cloak_rows)
+                cloaks[spec.label] = cloak_all(
+                    suite, data, spec, seed, models, cache, progress=progress, quality_rows=cloak_rows
+                )
             except Exception as exc:  # one defense failing must not sink the suite
                 log.error("defense %s failed: %s", spec.label, exc)
                 cloaks[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
@@ -329,10 +343,13 @@ def _evaluate(
             top5_all: list[np.ndarray] = []
             per_identity: list[float] = []
             for ident in data.protected:
+                cloaked = cl.images[ident]
                 e_cloak = cache.get_or_compute(
                     "embeddings",
                     ("cloaked", rec_key, cm_key if on_enroll else None, cl.key[ident]),
-                    lambda ident=ident: _embed(rec, from_uint8(cl.images[ident]), transform if on_enroll else None, t_seed),  # type: ignore[misc]
+                    lambda cloaked=cloaked: _embed(  # type: ignore[misc]
+                        rec, from_uint8(cloaked), transform if on_enroll else None, t_seed
+                    ),
                 )
                 enrolled = e_train.copy()
                 rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]

@@ -114,6 +114,17 @@ class Suite:
     clean_accuracy_floor: float = 0.5
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
+    def __post_init__(self) -> None:
+        require(bool(self.name.strip()), "name must not be empty")
+        require(
+            0.0 <= self.clean_accuracy_floor <= 1.0,
+            f"clean_accuracy_floor must be in [0, 1], got {self.clean_accuracy_floor}",
+        )
+        require(len(self.defenses) >= 1, "defenses: at least one defense is needed")
+        require(len(self.recognizers) >= 1, "recognizers: at least one recognizer is needed")
+        require(len(self.classifiers) >= 1, "classifiers: at least one classifier is needed")
+        require(len(self.seeds) >= 1, "seeds: at least one seed is needed")
+
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)
         return plain
@@ -144,7 +155,9 @@ def _labelled(items: tuple[Any, ...], where: str) -> tuple[Any, ...]:
     seen: dict[str, int] = {}
     for i, it in enumerate(out):
         if it.label in seen:
-            raise ConfigError(f"{where}[{i}]: label {it.label!r} repeats {where}[{seen[it.label]}]; give each a distinct 'label'")
+            raise ConfigError(
+                f"{where}[{i}]: label {it.label!r} repeats {where}[{seen[it.label]}]; give each a distinct 'label'"
+            )
         seen[it.label] = i
     return out
 
@@ -154,18 +167,30 @@ def parse_suite(data: Any, *, where: str) -> Suite:
     top = dict(_require_mapping(data, where))
     fields: dict[str, Any] = dict(top)
     if "dataset" in top:
-        fields["dataset"] = build(DatasetConfig, _require_mapping(top["dataset"], f"{where}: dataset"), where=f"{where}: dataset")
+        fields["dataset"] = build(
+            DatasetConfig, _require_mapping(top["dataset"], f"{where}: dataset"), where=f"{where}: dataset"
+        )
     if "protected" in top:
-        fields["protected"] = build(ProtectedConfig, _require_mapping(top["protected"], f"{where}: protected"), where=f"{where}: protected")
+        fields["protected"] = build(
+            ProtectedConfig,
+            _require_mapping(top["protected"], f"{where}: protected"),
+            where=f"{where}: protected",
+        )
     if "bootstrap" in top:
-        fields["bootstrap"] = build(BootstrapConfig, _require_mapping(top["bootstrap"], f"{where}: bootstrap"), where=f"{where}: bootstrap")
+        fields["bootstrap"] = build(
+            BootstrapConfig,
+            _require_mapping(top["bootstrap"], f"{where}: bootstrap"),
+            where=f"{where}: bootstrap",
+        )
     if "defenses" in top:
         items = _list_of_mappings(top["defenses"], f"{where}: defenses", shorthand=True)
         specs = tuple(build(DefenseSpec, it, where=f"{where}: defenses[{i}]") for i, it in enumerate(items))
         fields["defenses"] = _labelled(specs, f"{where}: defenses")
     if "countermeasures" in top:
         items = _list_of_mappings(top["countermeasures"], f"{where}: countermeasures", shorthand=True)
-        specs_c = tuple(build(CountermeasureSpec, it, where=f"{where}: countermeasures[{i}]") for i, it in enumerate(items))
+        specs_c = tuple(
+            build(CountermeasureSpec, it, where=f"{where}: countermeasures[{i}]") for i, it in enumerate(items)
+        )
         fields["countermeasures"] = _labelled(specs_c, f"{where}: countermeasures")
     else:
         fields["countermeasures"] = (CountermeasureSpec(name="none", label="none"),)
@@ -191,12 +216,14 @@ def _check_names(suite: Suite, where: str) -> None:
 
     for i, d in enumerate(suite.defenses):
         check(DEFENSES, d.name, f"defenses[{i}].name")
+        DEFENSES.get(d.name).check_params(d.params, where=f"{where}: defenses[{i}].params")
         for j, s in enumerate(d.surrogates):
             check(RECOGNIZERS, s, f"defenses[{i}].surrogates[{j}]")
     for i, r in enumerate(suite.recognizers):
         check(RECOGNIZERS, r, f"recognizers[{i}]")
     for i, c in enumerate(suite.countermeasures):
         check(TRANSFORMS, c.name, f"countermeasures[{i}].name")
+        TRANSFORMS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
     for i, k in enumerate(suite.classifiers):
         check(CLASSIFIERS, k, f"classifiers[{i}]")
     if len(set(suite.recognizers)) != len(suite.recognizers):
@@ -234,4 +261,6 @@ def builtin_suite_path(name: str) -> Path | None:
 def builtin_suites() -> list[str]:
     from importlib import resources
 
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("cloakbench.suites").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("cloakbench.suites").iterdir() if p.name.endswith(".yaml")
+    )

@@ -95,9 +95,7 @@ class PhotoOutcome:
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
-            raise ValueError(
-                f"PhotoOutcome {self.source}: unknown status {self.status!r} (one of {STATUSES})"
-            )
+            raise ValueError(f"PhotoOutcome {self.source}: unknown status {self.status!r} (one of {STATUSES})")
         if (self.status == ALIGNED) != (self.output is not None):
             raise ValueError(f"PhotoOutcome {self.source}: an output path is required exactly when aligned")
 
@@ -265,9 +263,7 @@ def align_folder(src_root: Path, dst_root: Path, detector: YuNetDetector) -> Ali
         try:
             rgb = load_photo(entry.path)
         except Exception as exc:  # a decoder failure on untrusted bytes is an outcome, never a crash
-            outcomes.append(
-                _outcome(entry.rel, entry.identity, UNREADABLE, detail=_unreadable_detail(entry.path, exc))
-            )
+            outcomes.append(_outcome(entry.rel, entry.identity, UNREADABLE, detail=_unreadable_detail(entry.path, exc)))
             continue
         detections = detector.detect(rgb)
         if not detections:
@@ -351,9 +347,7 @@ def _load_cached(root: Path, report_file: Path) -> AlignmentReport | None:
         return None
     missing = [o.output for o in report.outcomes if o.output is not None and not o.output.is_file()]
     if missing:
-        log.warning(
-            "%s: %d aligned file(s) missing, e.g. %s; rebuilding celeb5", root, len(missing), missing[0]
-        )
+        log.warning("%s: %d aligned file(s) missing, e.g. %s; rebuilding celeb5", root, len(missing), missing[0])
         return None
     return report
 

@@ -93,9 +93,7 @@ class YuNetDetector:
         if top_k < 1:
             raise ConfigError(f"YuNetDetector: top_k must be at least 1, got {top_k!r}")
         if max_side < _MIN_PYRAMID_SIDE:
-            raise ConfigError(
-                f"YuNetDetector: max_side must be at least {_MIN_PYRAMID_SIDE}, got {max_side!r}"
-            )
+            raise ConfigError(f"YuNetDetector: max_side must be at least {_MIN_PYRAMID_SIDE}, got {max_side!r}")
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.top_k = int(top_k)

@@ -133,9 +133,7 @@ class Manifest:
         if splits is not None:
             missing = [r.image_id for r in self.records if r.image_id not in splits]
             if missing:
-                raise DatasetError(
-                    f"write_csv {out}: no split for {len(missing)} record(s), e.g. {missing[0]!r}"
-                )
+                raise DatasetError(f"write_csv {out}: no split for {len(missing)} record(s), e.g. {missing[0]!r}")
             header.append("split")
         rows = [header]
         for r in self.records:
@@ -213,9 +211,7 @@ def list_folder(root: Path) -> FolderListing:
             rel = f"{identity}/{entry.name}"
             if entry.is_dir():
                 fingerprint.append((rel + "/", -1, -1))
-                problems.append(
-                    Problem(path=file_path, reason="folder inside an identity folder (not scanned)")
-                )
+                problems.append(Problem(path=file_path, reason="folder inside an identity folder (not scanned)"))
                 continue
             try:
                 st = entry.stat()
@@ -301,8 +297,7 @@ def _warn_problems(manifest: Manifest) -> None:
     if not manifest.problems:
         return
     shown = "; ".join(
-        f"{p.path.relative_to(manifest.root).as_posix()}: {p.reason}"
-        for p in manifest.problems[:_PROBLEMS_IN_WARNING]
+        f"{p.path.relative_to(manifest.root).as_posix()}: {p.reason}" for p in manifest.problems[:_PROBLEMS_IN_WARNING]
     )
     more = len(manifest.problems) - _PROBLEMS_IN_WARNING
     log.warning(

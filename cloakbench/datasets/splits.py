@@ -42,9 +42,7 @@ def train_count(n: int, train_fraction: float) -> int:
     return min(max(round(train_fraction * n), 1), n - 1)
 
 
-def split_per_identity(
-    manifest: Manifest, *, train_fraction: float = 0.7, seed: int = 10
-) -> dict[str, Split]:
+def split_per_identity(manifest: Manifest, *, train_fraction: float = 0.7, seed: int = 10) -> dict[str, Split]:
     """Map every ``image_id`` of ``manifest`` to :attr:`Split.TRAIN` or :attr:`Split.QUERY`.
 
     For each identity, its image ids are sorted, permuted by ``numpy.random.default_rng([seed,

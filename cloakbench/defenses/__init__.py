@@ -6,4 +6,12 @@ from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
 from cloakbench.defenses.budgets import Budget, BudgetKind, quality_report
 from cloakbench.defenses.registry import DEFENSES
 
-__all__ = ["DEFENSES", "Budget", "BudgetKind", "Defense", "DefenseRequirements", "ThreatModel", "quality_report"]
+__all__ = [
+    "DEFENSES",
+    "Budget",
+    "BudgetKind",
+    "Defense",
+    "DefenseRequirements",
+    "ThreatModel",
+    "quality_report",
+]

@@ -87,9 +87,15 @@ class Defense(abc.ABC):
         used = self.budget.measure(images, out)
         worst = float(used.max())
         if worst > self.budget.value + QUANTISATION_SLACK:
-            raise AssertionError(f"{self.name}: budget {self.budget.describe()} exceeded after quantisation ({worst:.6g})")
+            raise AssertionError(
+                f"{self.name}: budget {self.budget.describe()} exceeded after quantisation ({worst:.6g})"
+            )
         return out
 
     def config_dict(self) -> dict[str, object]:
         """The parameters that determine the output (for cache keys and the resolved config)."""
-        return {"name": self.name, "budget": self.budget.describe(), "surrogates": [s.name for s in self.surrogates]}
+        return {
+            "name": self.name,
+            "budget": self.budget.describe(),
+            "surrogates": [s.name for s in self.surrogates],
+        }

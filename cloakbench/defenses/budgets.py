@@ -34,7 +34,8 @@ class Budget:
 
     def project(self, original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
         if self.kind is BudgetKind.LINF:
-            return original + (perturbed - original).clamp(-self.value, self.value)
+            projected: torch.Tensor = original + (perturbed - original).clamp(-self.value, self.value)
+            return projected
         raise NotImplementedError(self.kind)
 
     def measure(self, original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,8 @@ def linf(original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
 
 def l2(original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    return (perturbed - original).flatten(1).norm(dim=1)
+    diff = (perturbed - original).flatten(1)
+    return diff.pow(2).sum(dim=1).sqrt()
 
 
 def psnr(original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

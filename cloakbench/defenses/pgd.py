@@ -35,10 +35,12 @@ class PGDConfig:
         require(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def embedding_distance(surrogates: Sequence[Recognizer], x: torch.Tensor, clean: Sequence[torch.Tensor]) -> torch.Tensor:
+def embedding_distance(
+    surrogates: Sequence[Recognizer], x: torch.Tensor, clean: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """Per-image mean over surrogates of the cosine distance to the clean embeddings."""
     total = torch.zeros(x.shape[0], device=x.device)
-    for model, ref in zip(surrogates, clean):
+    for model, ref in zip(surrogates, clean, strict=True):
         total = total + (1.0 - (model.embed(x, grad=True) * ref).sum(dim=1))
     return total / len(surrogates)
 

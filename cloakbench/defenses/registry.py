@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cloakbench.defenses.base import Defense
-from cloakbench.defenses.noise import make_noise
-from cloakbench.defenses.pgd import make_pgd
+from cloakbench.defenses.noise import NoiseConfig, make_noise
+from cloakbench.defenses.pgd import PGDConfig, make_pgd
 from cloakbench.registry import EntryMeta, Registry
 
 DEFENSES: Registry[Defense] = Registry("defense")
@@ -12,6 +12,8 @@ DEFENSES: Registry[Defense] = Registry("defense")
 DEFENSES.register(
     "pgd",
     make_pgd,
+    config=PGDConfig,
+    runtime_args=("surrogates", "name"),
     meta=EntryMeta(
         summary="untargeted L-inf PGD on the surrogates' cosine embedding distance (eps 8/255, 10 steps)",
         paper="Madry et al., Towards Deep Learning Models Resistant to Adversarial Attacks",
@@ -23,6 +25,8 @@ DEFENSES.register(
 DEFENSES.register(
     "noise",
     make_noise,
+    config=NoiseConfig,
+    runtime_args=("surrogates", "name"),
     meta=EntryMeta(
         summary="uniform noise in the L-inf ball (eps 8/255): a sanity baseline, should protect little",
         tags=("poisoning", "baseline"),

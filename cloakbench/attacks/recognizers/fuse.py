@@ -20,9 +20,10 @@ class ReluFormPReLU(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.detach().reshape(1, -1, 1, 1).clone())
 
+    weight: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight: torch.Tensor = self.weight
-        return F.relu(x) - weight * F.relu(-x)
+        return F.relu(x) - self.weight * F.relu(-x)
 
 
 class ChannelsLast(nn.Module):
@@ -49,6 +50,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        assert fused.bias is not None
         fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
     return fused
 

@@ -80,6 +80,9 @@ class _Normalise(nn.Module):
         self.register_buffer("offset", torch.tensor(127.5))
         self.register_buffer("factor", torch.tensor(0.0078125))
 
+    offset: torch.Tensor
+    factor: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.offset) * self.factor
 
@@ -110,16 +113,17 @@ def build_sface() -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
-def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+def dequantize_blockwise(
+    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int
+) -> np.ndarray:
     """ONNX ``DequantizeLinear`` with ``block_size``: scales repeat ``block`` times along ``axis``."""
     reps = np.repeat(scale.astype(np.float64), block, axis=axis)
     idx = [slice(None)] * q.ndim
     idx[axis] = slice(0, q.shape[axis])
     reps = reps[tuple(idx)]
-    zp = 0.0
+    zp: np.ndarray | float = 0.0
     if zero is not None:
-        zp_full = np.repeat(zero.astype(np.float64), block, axis=axis)
-        zp = zp_full[tuple(idx)]
+        zp = np.repeat(zero.astype(np.float64), block, axis=axis)[tuple(idx)]
     return ((q.astype(np.float64) - zp) * reps).astype(np.float32)
 
 
@@ -243,7 +247,14 @@ def sface(*, device: str = "cpu") -> TorchRecognizer:
 
 def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecognizer:
     """Black-box SFace (onnxruntime on the same weights)."""
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
+    providers = (
+        ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
+    )
     return OnnxRecognizer(
-        name="sface-onnx", path=onnx_path(), spec=SPEC, embedding_dim=EMBEDDING_DIM, providers=providers, threads=threads
+        name="sface-onnx",
+        path=onnx_path(),
+        spec=SPEC,
+        embedding_dim=EMBEDDING_DIM,
+        providers=providers,
+        threads=threads,
     )

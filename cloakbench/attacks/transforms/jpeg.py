@@ -46,7 +46,9 @@ class JPEG(InputTransform):
 
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         arrays = to_uint8(images)
-        out = np.stack([jpeg_roundtrip(a, quality=self.config.quality, subsampling=self.config.subsampling) for a in arrays])
+        out = np.stack(
+            [jpeg_roundtrip(a, quality=self.config.quality, subsampling=self.config.subsampling) for a in arrays]
+        )
         return from_uint8(out).to(images.device)
 
     def config_dict(self) -> dict[str, object]:

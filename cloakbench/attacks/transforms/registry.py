@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from cloakbench.attacks.transforms.base import Identity, InputTransform
-from cloakbench.attacks.transforms.jpeg import make_jpeg
-from cloakbench.registry import EntryMeta, Registry
+from cloakbench.attacks.transforms.jpeg import JPEGConfig, make_jpeg
+from cloakbench.registry import EntryMeta, NoParams, Registry
 
 TRANSFORMS: Registry[InputTransform] = Registry("transform")
 
@@ -19,9 +19,11 @@ def _identity(**config: Any) -> Identity:
     return Identity()
 
 
-TRANSFORMS.register("none", _identity, meta=EntryMeta(summary="no countermeasure (identity)"))
+TRANSFORMS.register("none", _identity, meta=EntryMeta(summary="no countermeasure (identity)"), config=NoParams)
 TRANSFORMS.register(
     "jpeg",
     make_jpeg,
+    config=JPEGConfig,
+    runtime_args=("name",),
     meta=EntryMeta(summary="JPEG recompression with Pillow/libjpeg at quality q (default 75, 4:2:0)"),
 )

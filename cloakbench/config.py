@@ -40,7 +40,8 @@ def build(cls: type[C], data: Mapping[str, Any] | None, *, where: str) -> C:
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(map(repr, missing))}")
     hints = typing.get_type_hints(cls)
-    coerced = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}") for k, v in data.items()}
+    sep = "." if ": " in where else ": "  # "file.yaml: defenses[0].params" / "file.yaml: seeds"
+    coerced = {k: _coerce(v, hints.get(k, Any), f"{where}{sep}{k}") for k, v in data.items()}
     try:
         return cls(**coerced)
     except ConfigError as exc:

@@ -147,7 +147,7 @@ def _list_of_mappings(value: Any, where: str, *, shorthand: bool) -> list[Mappin
     return items
 
 
-def _labelled(items: tuple[Any, ...], where: str) -> tuple[Any, ...]:
+def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ...]:
     """Fill in default labels (the registry name) and reject duplicates."""
     import dataclasses
 
@@ -156,7 +156,8 @@ def _labelled(items: tuple[Any, ...], where: str) -> tuple[Any, ...]:
     for i, it in enumerate(out):
         if it.label in seen:
             raise ConfigError(
-                f"{where}[{i}]: label {it.label!r} repeats {where}[{seen[it.label]}]; give each a distinct 'label'"
+                f"{where}: {section}[{i}]: label {it.label!r} repeats {section}[{seen[it.label]}]; "
+                "give each a distinct 'label'"
             )
         seen[it.label] = i
     return out
@@ -185,13 +186,13 @@ def parse_suite(data: Any, *, where: str) -> Suite:
     if "defenses" in top:
         items = _list_of_mappings(top["defenses"], f"{where}: defenses", shorthand=True)
         specs = tuple(build(DefenseSpec, it, where=f"{where}: defenses[{i}]") for i, it in enumerate(items))
-        fields["defenses"] = _labelled(specs, f"{where}: defenses")
+        fields["defenses"] = _labelled(specs, where, "defenses")
     if "countermeasures" in top:
         items = _list_of_mappings(top["countermeasures"], f"{where}: countermeasures", shorthand=True)
         specs_c = tuple(
             build(CountermeasureSpec, it, where=f"{where}: countermeasures[{i}]") for i, it in enumerate(items)
         )
-        fields["countermeasures"] = _labelled(specs_c, f"{where}: countermeasures")
+        fields["countermeasures"] = _labelled(specs_c, where, "countermeasures")
     else:
         fields["countermeasures"] = (CountermeasureSpec(name="none", label="none"),)
     for key in ("recognizers", "classifiers"):

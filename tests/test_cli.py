@@ -140,3 +140,6 @@ def test_quick_suite_on_the_demo_data(tmp_path: Path, capsys: pytest.CaptureFixt
     assert base["protection_rate"] >= 0.8
     assert get("noise", "sface", "none", "nearest-neighbour")["protection_rate"] <= 0.2
     assert get("pgd", "sface-onnx", "none", "nearest-neighbour")["protection_rate"] >= 0.8  # same weights, black box
+    alignment = json.loads((out / "alignment.json").read_text())
+    assert alignment["counts"]["photos"] == 118  # every demo photo is accounted for
+    assert alignment["counts"]["aligned"] >= 110  # measured: 118 aligned, 0 without a face, 5 with two faces

@@ -6,6 +6,7 @@ Layout of ``<run>/``::
     metadata.json     UTC time, git commit and dirty flag, package versions, device, providers, threads
     manifest.csv      the dataset manifest (image id, identity, path, sha256, split)
     problems.csv      files of the dataset that were left out, and why
+    alignment.json    per-photo detection/alignment outcomes (only when the run aligned photos)
     cloaks.csv        one row per cloaked photo: L-inf, L2, PSNR, SSIM, DSSIM
     queries.csv       one row per (cell, query photo): prediction, rank, similarity, clean outcome
     summary.csv       one row per cell, with ``status`` (ok / refused / failed) and ``note``
@@ -124,4 +125,6 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / "queries.csv", _csv_text(result.queries))
     atomic_write_text(out_dir / "summary.csv", _csv_text(summary, SUMMARY_COLUMNS))
     atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    if result.alignment is not None:
+        atomic_write_text(out_dir / "alignment.json", json.dumps(result.alignment, indent=1))
     return {"summary": summary, "metadata": meta}

@@ -56,6 +56,7 @@ class RunResult:
     manifest: Manifest
     onnx_providers: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    alignment: dict[str, Any] | None = None  # detection/alignment outcomes when the run aligned photos
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_manifest(suite: Suite) -> Manifest:
+def load_manifest(suite: Suite) -> tuple[Manifest, dict[str, Any] | None]:
+    """The suite's dataset, and the per-photo detection/alignment report when it had to be aligned."""
     if suite.dataset.source is DatasetSource.DEMO:
         from cloakbench.datasets import demo_dataset
 
-        root, _report = demo_dataset()
-        return scan_folder(root)
+        root, report = demo_dataset()
+        return scan_folder(root), {"counts": report.counts(), "photos": report.to_json(root)}
     assert suite.dataset.path is not None
-    return scan_folder(suite.dataset.path)
+    return scan_folder(suite.dataset.path), None
 
 
 def choose_protected(suite: Suite, manifest: Manifest, eligible: Sequence[str]) -> tuple[str, ...]:
@@ -242,7 +244,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     device = resolve_device(suite.device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    manifest = load_manifest(suite)
+    manifest, alignment = load_manifest(suite)
     data = prepare_data(suite, manifest)
     timings["data_s"] = time.perf_counter() - t0
     models = _Models(device)
@@ -281,7 +283,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     timings["total_s"] = time.perf_counter() - t0
     return RunResult(
         suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest,
-        onnx_providers=models.onnx_providers(), timings=timings,
+        onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
     )  # fmt: skip
 
 

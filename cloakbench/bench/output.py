@@ -30,7 +30,6 @@ from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
-from cloakbench.datasets import split_per_identity
 from cloakbench.reports.tables import markdown_summary
 
 SUMMARY_COLUMNS = [
@@ -102,23 +101,7 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
         "problems": len(result.manifest.problems),
     }
     atomic_write_text(out_dir / "metadata.json", json.dumps(meta, indent=2, default=str))
-    splits = split_per_identity(
-        result.manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed
-    )
-    manifest_rows = [
-        {
-            "image_id": r.image_id,
-            "identity": r.identity,
-            "path": str(r.path),
-            "sha256": r.sha256,
-            "split": splits[r.image_id].value,
-        }
-        for r in result.manifest.records
-    ]
-    atomic_write_text(
-        out_dir / "manifest.csv",
-        _csv_text(manifest_rows, ["image_id", "identity", "path", "sha256", "split"]),
-    )
+    result.manifest.write_csv(out_dir / "manifest.csv", splits=result.splits)
     problems = [{"path": str(p.path), "reason": p.reason} for p in result.manifest.problems]
     atomic_write_text(out_dir / "problems.csv", _csv_text(problems, ["path", "reason"]))
     atomic_write_text(out_dir / "cloaks.csv", _csv_text(result.cloaks))

@@ -54,6 +54,7 @@ class RunResult:
     queries: list[dict[str, Any]]
     cloaks: list[dict[str, Any]]
     manifest: Manifest
+    splits: dict[str, Split]
     onnx_providers: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     alignment: dict[str, Any] | None = None  # detection/alignment outcomes when the run aligned photos
@@ -65,6 +66,7 @@ class PreparedData:
     images: torch.Tensor  # all photos, canonical
     labels: tuple[str, ...]
     shas: tuple[str, ...]
+    splits: dict[str, Split]  # image id -> train/query
     train: dict[str, np.ndarray]  # identity -> indices into images
     query: dict[str, np.ndarray]
     protected: tuple[str, ...]
@@ -135,6 +137,7 @@ def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
     return PreparedData(
         manifest=manifest,
         images=images,
+        splits=splits,
         labels=labels,
         shas=tuple(r.sha256 for r in manifest.records),
         train={k: np.array(v, dtype=np.int64) for k, v in train.items()},
@@ -282,7 +285,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
         timings[f"evaluate_s_seed{seed}"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return RunResult(
-        suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest,
+        suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest, splits=data.splits,
         onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
     )  # fmt: skip
 

@@ -97,5 +97,5 @@ class Defense(abc.ABC):
         return {
             "name": self.name,
             "budget": self.budget.describe(),
-            "surrogates": [s.name for s in self.surrogates],
+            "surrogates": [(s.name, s.weights_id) for s in self.surrogates],
         }

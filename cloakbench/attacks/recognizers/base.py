@@ -72,6 +72,9 @@ class Recognizer(abc.ABC):
     spec: InputSpec
     capabilities: Capabilities
     embedding_dim: int
+    weights_id: str = ""
+    """Identifies the weights (e.g. the source file's SHA-256 and the converter version): part of every
+    cache key that depends on this model, so new weights never reuse old cloaks or embeddings."""
 
     @abc.abstractmethod
     def _forward(self, model_input: torch.Tensor) -> torch.Tensor:
@@ -153,6 +156,7 @@ class Recognizer(abc.ABC):
         spec = self.spec
         return {
             "name": self.name,
+            "weights_id": self.weights_id,
             "embedding_dim": self.embedding_dim,
             "input": f"{spec.size[0]}x{spec.size[1]} {spec.channel_order.value} x{spec.scale:g} "
             f"mean={list(spec.mean)} std={list(spec.std)} align={spec.alignment.value} "
@@ -165,8 +169,11 @@ class Recognizer(abc.ABC):
 class TorchRecognizer(Recognizer):
     """A white-box recognizer backed by an ``nn.Module`` kept in eval mode."""
 
-    def __init__(self, *, name: str, module: torch.nn.Module, spec: InputSpec, embedding_dim: int) -> None:
+    def __init__(
+        self, *, name: str, module: torch.nn.Module, spec: InputSpec, embedding_dim: int, weights_id: str = ""
+    ) -> None:
         self.name = name
+        self.weights_id = weights_id
         self.module = module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

@@ -28,10 +28,12 @@ class OnnxRecognizer(Recognizer):
         embedding_dim: int,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
+        weights_id: str = "",
     ) -> None:
         import onnxruntime as ort  # imported here: only black-box users pay for it
 
         self.name = name
+        self.weights_id = weights_id
         self.spec = spec
         self.embedding_dim = embedding_dim
         options = ort.SessionOptions()

@@ -70,6 +70,7 @@ BLOCKS: tuple[tuple[int, int, int], ...] = (
 )
 FEATURE_HW = 7  # 112 / 16
 CONVERTER_VERSION = 1
+WEIGHTS_ID = f"sface-2021dec-int8bq:{PINNED.sha256[:16]}:v{CONVERTER_VERSION}"
 
 
 class _Normalise(nn.Module):
@@ -242,7 +243,9 @@ def load_sface(*, fused: bool = True) -> nn.Module:
 
 def sface(*, device: str = "cpu") -> TorchRecognizer:
     """White-box SFace (PyTorch, differentiable)."""
-    return TorchRecognizer(name="sface", module=load_sface(), spec=SPEC, embedding_dim=EMBEDDING_DIM).to(device)
+    return TorchRecognizer(
+        name="sface", module=load_sface(), spec=SPEC, embedding_dim=EMBEDDING_DIM, weights_id=WEIGHTS_ID
+    ).to(device)
 
 
 def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecognizer:
@@ -257,4 +260,5 @@ def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecogn
         embedding_dim=EMBEDDING_DIM,
         providers=providers,
         threads=threads,
+        weights_id=WEIGHTS_ID,
     )

@@ -74,12 +74,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for kind in kinds:
         if kind == "suites":
             payload[kind] = [{"name": n} for n in builtin_suites()]
-            continue
-        payload[kind] = [
-            {"name": e.name, "summary": e.meta.summary, "paper": e.meta.paper, "year": e.meta.year,
-             "venue": e.meta.venue, "license": e.meta.license, "weights": e.meta.weights_origin}
-            for e in registries[kind]
-        ]  # fmt: skip
+        else:
+            payload[kind] = [_entry_payload(e) for e in registries[kind]]
     if args.json:
         json.dump(payload, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -87,12 +83,33 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for kind, entries in payload.items():
         sys.stdout.write(f"{kind}:\n")
         for e in entries:
-            line = f"  {e['name']:<20} {e.get('summary', '')}"
+            sys.stdout.write(f"  {e['name']:<24} {e.get('summary', '')}".rstrip() + "\n")
             cite = ", ".join(str(x) for x in (e.get("paper"), e.get("venue"), e.get("year")) if x)
-            sys.stdout.write(line.rstrip() + (f"\n  {'':<20} [{cite}]" if cite else "") + "\n")
+            lines = [("paper", cite)] if cite else []
+            lines += [(k, str(v)) for k, v in (e.get("details") or {}).items()]
             if e.get("weights"):
-                sys.stdout.write(f"  {'':<20} weights: {e['weights']} ({e['license']})\n")
+                lines.append(("weights", f"{e['weights']} ({e['license']})"))
+            if e.get("cached") is not None:
+                lines.append(("cached", "yes" if e["cached"] else "no (fetched on first use)"))
+            for key, value in lines:
+                sys.stdout.write(f"  {'':<24} {key}: {value}\n")
     return EXIT_OK
+
+
+def _entry_payload(entry: Any) -> dict[str, Any]:
+    meta = entry.meta
+    return {
+        "name": entry.name,
+        "summary": meta.summary,
+        "paper": meta.paper,
+        "year": meta.year,
+        "venue": meta.venue,
+        "license": meta.license,
+        "weights": meta.weights_origin,
+        "tags": list(meta.tags),
+        "details": dict(meta.details),
+        "cached": None if meta.is_cached is None else bool(meta.is_cached()),
+    }
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

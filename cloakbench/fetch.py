@@ -75,6 +75,11 @@ class PinnedFile:
         return cache_dir("files", f"{_normalise(self.distribution)}-{self.version}") / self.filename
 
 
+def is_cached(*pinned: PinnedFile) -> bool:
+    """Whether every file is already extracted in the cache (by presence; :func:`fetch` verifies)."""
+    return all(p.cache_path.is_file() for p in pinned)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

@@ -31,6 +31,10 @@ class EntryMeta:
     license: str = ""
     weights_origin: str = ""
     tags: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """Kind-specific facts shown by ``cloakbench list`` without building the component (input spec, ...)."""
+    is_cached: Callable[[], bool] | None = None
+    """Whether the entry's weights are already in the local cache (None: it has no weights to fetch)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -166,3 +166,78 @@ def test_protection_is_refused_below_the_clean_accuracy_floor(celeb24_root: Path
     assert strict["status"] == "refused" and math.isnan(strict["protection_rate"])
     assert "below the floor" in strict["note"]
     assert strict["clean_accuracy_protected"] == clean  # still reported, so a reader sees why
+
+
+def test_evasion_protocol_ranks_gallery_photos(celeb24_root: Path, tmp_path: Path) -> None:
+    root = _small_dataset(celeb24_root, tmp_path, n=8)
+    suite = make_suite(
+        root,
+        protected={"count": 2},
+        defenses=[{"name": "pgd", "params": {"epsilon": EPS, "steps": 5}}, {"name": "noise"}],
+        countermeasures=["none"],
+        classifiers=["nearest-neighbour"],
+        protocols=["poisoning", "evasion"],
+    )
+    result = run_suite(suite)
+    pgd = cell(result, protocol="evasion", defense="pgd")
+    noise = cell(result, protocol="evasion", defense="noise")
+    assert pgd["classifier"] == "gallery-search"
+    assert pgd["clean_accuracy_protected"] >= 0.9  # clean probes find a clean gallery photo of the user first
+    assert pgd["protection_rate"] >= 0.8 and noise["protection_rate"] <= 0.2
+    for row in (pgd, noise):  # rank-k accuracies are nested
+        assert 1 - row["protection_rate"] <= row["top5_accuracy"] <= row["top50_accuracy"] <= 1.0
+    # gallery ranks count photos, not identities: the per-query rows carry them
+    ranks = [q["rank"] for q in result.queries if q["protocol"] == "evasion" and q["defense"] == "pgd"]
+    assert max(ranks) > 8  # more than the number of identities: an image-level rank
+
+
+def test_gallery_ranks_are_image_level_and_pessimistic() -> None:
+    import numpy as np
+
+    from cloakbench.bench.metrics import gallery_ranks
+
+    sims = np.array([[0.9, 0.8, 0.95, 0.1], [0.5, 0.5, 0.2, 0.1]])
+    labels = ["a", "a", "b", "c"]
+    assert gallery_ranks(sims, labels, ["a", "a"]).tolist() == [2, 1]
+    assert gallery_ranks(sims, labels, ["c", "z"]).tolist() == [4, 5]  # z has no gallery photo: G + 1
+    tie = np.array([[0.5, 0.5]])
+    assert gallery_ranks(tie, ["a", "b"], ["a"]).tolist() == [2]  # a tie counts against the true identity
+
+
+def test_services_run_the_same_protocols_over_http(celeb24_root: Path, tmp_path: Path) -> None:
+    """A Rekognition-like collection over HTTP and an Azure-like person group, both backed by SFace, must
+    reach the very numbers of SFace with a nearest-neighbour classifier / gallery search: same model, same
+    rule (best-matching enrolled face), different transport."""
+    root = _small_dataset(celeb24_root, tmp_path, n=6)
+    common: dict[str, Any] = {
+        "protected": {"count": 2},
+        "defenses": [{"name": "pgd", "params": {"epsilon": EPS, "steps": 5}}, {"name": "noise"}],
+        "countermeasures": ["none"],
+        "classifiers": ["nearest-neighbour"],
+    }
+    suite = make_suite(
+        root, **common, protocols=["poisoning", "evasion"],
+        services=[{"kind": "rekognition", "backend": "sface", "transport": "http", "label": "rekognition"}],
+    )  # fmt: skip
+    result = run_suite(suite)
+    for defense in ("pgd", "noise"):
+        direct = cell(result, protocol="poisoning", defense=defense, recognizer="sface")
+        service = cell(result, protocol="poisoning", defense=defense, recognizer="rekognition")
+        assert service["classifier"] == "service" and service["status"] == "ok"
+        assert service["protection_rate"] == direct["protection_rate"]
+        assert service["clean_accuracy_all"] == direct["clean_accuracy_all"]
+        search = cell(result, protocol="evasion", defense=defense, recognizer="rekognition")
+        gallery = cell(result, protocol="evasion", defense=defense, recognizer="sface")
+        for key in ("protection_rate", "top5_accuracy", "top50_accuracy"):
+            assert search[key] == gallery[key], key
+    assert cell(result, protocol="evasion", defense="pgd", recognizer="rekognition")["protection_rate"] >= 0.8
+    meta_counts = next(iter(result.service_usage.values()))
+    assert meta_counts["SearchFacesByImage"] > 0 and meta_counts["IndexFaces"] > 0
+
+    azure = make_suite(root, **common, services=[{"kind": "azure", "transport": "in-process", "label": "azure"}])
+    result = run_suite(azure)
+    for defense in ("pgd", "noise"):
+        assert (
+            cell(result, defense=defense, recognizer="azure")["protection_rate"]
+            == cell(result, defense=defense, recognizer="sface")["protection_rate"]
+        )

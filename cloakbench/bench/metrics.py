@@ -23,6 +23,24 @@ def rank_of_true(scores: np.ndarray, classes: Sequence[str], true_labels: Sequen
     return np.asarray(higher_or_equal, dtype=np.int64)
 
 
+def gallery_ranks(sims: np.ndarray, gallery_labels: Sequence[str], true_labels: Sequence[str]) -> np.ndarray:
+    """Evasion-protocol rank: 1-based position of the first gallery photo of the true identity when the
+    gallery is sorted by similarity to the probe (ties count against it). ``sims`` is [Q, G].
+
+    A probe whose identity has no photo in the gallery gets rank G + 1.
+    """
+    labels = np.asarray(gallery_labels)
+    ranks = np.empty(sims.shape[0], dtype=np.int64)
+    for q, truth in enumerate(true_labels):
+        mine = labels == truth
+        if not mine.any():
+            ranks[q] = sims.shape[1] + 1
+            continue
+        best = sims[q, mine].max()
+        ranks[q] = 1 + int((sims[q, ~mine] >= best).sum())
+    return ranks
+
+
 def topk_correct(ranks: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(ranks <= k)
 

@@ -33,8 +33,9 @@ from cloakbench.cache import atomic_write_text
 from cloakbench.reports.tables import markdown_summary
 
 SUMMARY_COLUMNS = [
-    "seed", "defense", "recognizer", "countermeasure", "classifier", "status", "n_identities", "n_queries",
-    "protection_rate", "ci_low", "ci_high", "protection_rate_identity_mean", "top5_accuracy",
+    "seed", "protocol", "defense", "recognizer", "countermeasure", "classifier", "status", "n_identities",
+    "n_queries", "protection_rate", "ci_low", "ci_high", "protection_rate_identity_mean", "top5_accuracy",
+    "top50_accuracy",
     "clean_accuracy_protected", "clean_accuracy_all", "linf_max", "linf_mean", "l2_mean", "psnr_mean",
     "ssim_mean", "dssim_max", "cloak_s_per_image", "note",
 ]  # fmt: skip
@@ -66,6 +67,7 @@ def sort_cells(suite: Suite, rows: Sequence[dict[str, Any]]) -> list[dict[str, A
     """Rows in the suite's own order: seed, defense, recognizer, countermeasure, classifier."""
     order: dict[str, dict[Any, int]] = {
         "seed": {v: i for i, v in enumerate(suite.seeds)},
+        "protocol": {p.value: i for i, p in enumerate(suite.protocols)},
         "defense": {d.label: i for i, d in enumerate(suite.defenses)},
         "recognizer": {r: i for i, r in enumerate(suite.recognizers)},
         "countermeasure": {c.label: i for i, c in enumerate(suite.countermeasures)},
@@ -93,6 +95,7 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(suite.to_dict(), sort_keys=False))
     meta = metadata.collect(resolve_device(suite.device), onnx_providers=result.onnx_providers)
     meta["timings_s"] = result.timings
+    meta["service_queries"] = result.service_usage
     meta["dataset"] = {
         "root": str(result.manifest.root),
         "digest": result.manifest.digest,

@@ -30,12 +30,13 @@ from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.classifiers import CLASSIFIERS
 from cloakbench.bench.metrics import (
     bootstrap_ci,
+    gallery_ranks,
     predicted_labels,
     protection_rate,
     rank_of_true,
     topk_correct,
 )
-from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Suite
+from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Protocol, Suite
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
 from cloakbench.defenses import DEFENSES, quality_report
@@ -44,6 +45,7 @@ from cloakbench.images import from_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
+GALLERY_SEARCH = "gallery-search"  # the evasion protocol's tracker: rank gallery photos by cosine similarity
 CLOAK_VERSION = 1  # bump when the cloaking pipeline changes in a way the configs do not capture
 
 
@@ -58,6 +60,7 @@ class RunResult:
     onnx_providers: dict[str, list[str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     alignment: dict[str, Any] | None = None  # detection/alignment outcomes when the run aligned photos
+    service_usage: dict[str, dict[str, int]] = field(default_factory=dict)  # queries per service operation
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     summary: list[dict[str, Any]] = []
     queries: list[dict[str, Any]] = []
     cloak_rows: list[dict[str, Any]] = []
+    service_usage: dict[str, dict[str, int]] = {}
 
     for seed in suite.seeds:
         cloaks: dict[str, _Cloaks] = {}
@@ -275,9 +279,27 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
             except Exception as exc:
                 log.error("recognizer %s with %s failed: %s", rec_name, cm.label, exc)
                 rows_s = [
-                    _failed_row(seed, d.label, rec_name, cm.label, k, _error_text(exc))
+                    _failed_row(seed, t.protocol.value, d.label, rec_name, cm.label, t.classifier, _error_text(exc))
                     for d in suite.defenses
-                    for k in suite.classifiers
+                    for t in _trackers(suite)
+                ]
+                rows_q = []
+            summary.extend(rows_s)
+            queries.extend(rows_q)
+        grid_s = [(svc, c) for svc in suite.services for c in suite.countermeasures]
+        for svc, cm in _progress(grid_s, enabled=progress, desc=f"services seed={seed}", total=len(grid_s)):
+            from cloakbench.bench.service_tracker import evaluate_service
+
+            try:
+                rows_s, rows_q, counts = evaluate_service(suite, data, seed, svc, models.get(svc.backend), cm, cloaks)
+                service_usage[f"{svc.label}/{cm.label}/seed{seed}"] = counts
+            except Exception as exc:
+                log.error("service %s with %s failed: %s", svc.label, cm.label, exc)
+                protocols = [p.value for p in suite.protocols] if svc.kind.value == "rekognition" else ["poisoning"]
+                rows_s = [
+                    _failed_row(seed, p, d.label, svc.label, cm.label, "service", _error_text(exc))
+                    for d in suite.defenses
+                    for p in protocols
                 ]
                 rows_q = []
             summary.extend(rows_s)
@@ -287,6 +309,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     return RunResult(
         suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest, splits=data.splits,
         onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
+        service_usage=service_usage,
     )  # fmt: skip
 
 
@@ -296,9 +319,90 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc} [{where}]"
 
 
-def _failed_row(seed: int, defense: str, rec: str, cm: str, clf: str, error: str) -> dict[str, Any]:
-    return {"seed": seed, "defense": defense, "recognizer": rec, "countermeasure": cm, "classifier": clf,
-            "status": "failed", "note": error}  # fmt: skip
+def _failed_row(seed: int, protocol: str, defense: str, rec: str, cm: str, clf: str, error: str) -> dict[str, Any]:
+    return {"seed": seed, "protocol": protocol, "defense": defense, "recognizer": rec, "countermeasure": cm,
+            "classifier": clf, "status": "failed", "note": error}  # fmt: skip
+
+
+@dataclass
+class _Outcome:
+    """What one tracker did with one protected identity's clean query photos."""
+
+    ident: str
+    query_idx: np.ndarray  # indices into the dataset
+    ranks: np.ndarray  # 1-based rank of the true identity (or of its first gallery photo), cloaked enrollment
+    preds: list[str]
+    ranks_clean: np.ndarray  # the same tracker without any cloak
+    sims: np.ndarray  # similarity of the best true-identity match, cloaked enrollment
+    sims_clean: np.ndarray
+
+
+def _cell_rows(
+    suite: Suite, data: PreparedData, cell: dict[str, Any], outcomes: list[_Outcome], clean_all_acc: float,
+    seconds_per_image: float | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """The summary row and the per-query rows of one cell (pure)."""
+    rows: list[dict[str, Any]] = []
+    for o in outcomes:
+        for j, qi in enumerate(o.query_idx):
+            rows.append({
+                **cell, "protected_identity": o.ident, "image_id": data.manifest.records[int(qi)].image_id,
+                "predicted": o.preds[j], "rank": int(o.ranks[j]), "correct": bool(o.ranks[j] == 1),
+                "rank_clean": int(o.ranks_clean[j]), "correct_clean": bool(o.ranks_clean[j] == 1),
+                "true_similarity": float(o.sims[j]), "true_similarity_clean": float(o.sims_clean[j]),
+            })  # fmt: skip
+    ranks = np.concatenate([o.ranks for o in outcomes])
+    correct = topk_correct(ranks, 1)
+    clean_acc = float(topk_correct(np.concatenate([o.ranks_clean for o in outcomes]), 1).mean())
+    rng = np.random.default_rng(derive_seed("bootstrap", cell))
+    lo, hi = bootstrap_ci(
+        1.0 - correct.astype(np.float64), rng=rng,
+        resamples=suite.bootstrap.resamples, confidence=suite.bootstrap.confidence,
+    )  # fmt: skip
+    row = {
+        **cell, "n_identities": len(outcomes), "n_queries": int(ranks.size),
+        "protection_rate": protection_rate(correct), "ci_low": lo, "ci_high": hi,
+        "protection_rate_identity_mean": float(np.mean([protection_rate(topk_correct(o.ranks, 1)) for o in outcomes])),
+        "top5_accuracy": float(topk_correct(ranks, 5).mean()), "top50_accuracy": float(topk_correct(ranks, 50).mean()),
+        "clean_accuracy_protected": clean_acc, "clean_accuracy_all": clean_all_acc,
+        "cloak_s_per_image": seconds_per_image, "status": "ok", "note": "",
+    }  # fmt: skip
+    if clean_acc < suite.clean_accuracy_floor:
+        row.update(
+            protection_rate=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
+            protection_rate_identity_mean=float("nan"), status="refused",
+            note=f"clean accuracy {clean_acc:.3f} is below the floor {suite.clean_accuracy_floor:.3f}: "
+            "a protection rate would mean nothing",
+        )  # fmt: skip
+    return row, rows
+
+
+class _Tracker:
+    """A way to identify query embeddings from enrollment embeddings: a classifier or a gallery search."""
+
+    def __init__(self, protocol: Protocol, classifier: str) -> None:
+        self.protocol = protocol
+        self.classifier = classifier
+
+    def ranks(
+        self, enrolled: np.ndarray, labels: Sequence[str], queries: np.ndarray, truth: Sequence[str]
+    ) -> tuple[np.ndarray, list[str]]:
+        if self.protocol is Protocol.EVASION:
+            sims = queries @ enrolled.T
+            ranks = gallery_ranks(sims, labels, truth)
+            return ranks, [labels[int(i)] for i in sims.argmax(axis=1)]
+        clf = CLASSIFIERS.create(self.classifier).fit(enrolled, labels)
+        scores = clf.scores(queries)
+        return rank_of_true(scores, clf.classes, truth), predicted_labels(scores, clf.classes)
+
+
+def _trackers(suite: Suite) -> list[_Tracker]:
+    out = []
+    if Protocol.POISONING in suite.protocols:
+        out += [_Tracker(Protocol.POISONING, name) for name in suite.classifiers]
+    if Protocol.EVASION in suite.protocols:
+        out.append(_Tracker(Protocol.EVASION, GALLERY_SEARCH))
+    return out
 
 
 def _evaluate(
@@ -331,22 +435,17 @@ def _evaluate(
 
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for clf_name in suite.classifiers:
-        clean_clf = CLASSIFIERS.create(clf_name).fit(e_train, train_labels)
-        clean_scores = clean_clf.scores(e_query)
-        clean_ranks = rank_of_true(clean_scores, clean_clf.classes, query_labels)
+    for tracker in _trackers(suite):
+        clean_ranks, _ = tracker.ranks(e_train, train_labels, e_query, query_labels)
         clean_all_acc = float(topk_correct(clean_ranks, 1).mean())
         for spec in suite.defenses:
             cl = cloaks[spec.label]
-            cell = {"seed": seed, "defense": spec.label, "recognizer": rec.name, "countermeasure": cm.label,
-                    "classifier": clf_name}  # fmt: skip
+            cell = {"seed": seed, "protocol": tracker.protocol.value, "defense": spec.label, "recognizer": rec.name,
+                    "countermeasure": cm.label, "classifier": tracker.classifier}  # fmt: skip
             if cl.error is not None:
                 summary.append({**cell, "status": "failed", "note": cl.error})
                 continue
-            correct_all: list[np.ndarray] = []
-            clean_correct_all: list[np.ndarray] = []
-            top5_all: list[np.ndarray] = []
-            per_identity: list[float] = []
+            outcomes = []
             for ident in data.protected:
                 cloaked = cl.images[ident]
                 e_cloak = cache.get_or_compute(
@@ -359,50 +458,17 @@ def _evaluate(
                 enrolled = e_train.copy()
                 rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
                 enrolled[rows_of_ident] = e_cloak
-                clf = CLASSIFIERS.create(clf_name).fit(enrolled, train_labels)
                 q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
                 q_emb = e_query[q_pos]
-                scores = clf.scores(q_emb)
-                ranks = rank_of_true(scores, clf.classes, [ident] * len(q_pos))
-                preds = predicted_labels(scores, clf.classes)
-                correct = topk_correct(ranks, 1)
-                clean_r = clean_ranks[q_pos]
-                clean_correct = topk_correct(clean_r, 1)
-                sims = q_emb @ e_cloak.T
-                sims_clean = q_emb @ e_train[rows_of_ident].T
-                correct_all.append(correct)
-                clean_correct_all.append(clean_correct)
-                top5_all.append(topk_correct(ranks, 5))
-                per_identity.append(protection_rate(correct))
-                for j, qi in enumerate(data.query[ident]):
-                    rows.append({
-                        **cell, "protected_identity": ident, "image_id": data.manifest.records[int(qi)].image_id,
-                        "predicted": preds[j], "rank": int(ranks[j]), "correct": bool(correct[j]),
-                        "rank_clean": int(clean_r[j]), "correct_clean": bool(clean_correct[j]),
-                        "true_similarity": float(sims[j].max()), "true_similarity_clean": float(sims_clean[j].max()),
-                    })  # fmt: skip
-            correct_cat = np.concatenate(correct_all)
-            clean_cat = np.concatenate(clean_correct_all)
-            clean_acc = float(clean_cat.mean())
-            rng = np.random.default_rng(derive_seed("bootstrap", cell))
-            lo, hi = bootstrap_ci(
-                1.0 - correct_cat.astype(np.float64), rng=rng,
-                resamples=suite.bootstrap.resamples, confidence=suite.bootstrap.confidence,
-            )  # fmt: skip
-            row = {
-                **cell, "n_identities": len(data.protected), "n_queries": int(correct_cat.size),
-                "protection_rate": protection_rate(correct_cat), "ci_low": lo, "ci_high": hi,
-                "protection_rate_identity_mean": float(np.mean(per_identity)),
-                "top5_accuracy": float(np.concatenate(top5_all).mean()),
-                "clean_accuracy_protected": clean_acc, "clean_accuracy_all": clean_all_acc,
-                "cloak_s_per_image": cl.seconds_per_image, "status": "ok", "note": "",
-            }  # fmt: skip
-            if clean_acc < suite.clean_accuracy_floor:
-                row.update(
-                    protection_rate=float("nan"), ci_low=float("nan"), ci_high=float("nan"),
-                    protection_rate_identity_mean=float("nan"), status="refused",
-                    note=f"clean accuracy {clean_acc:.3f} is below the floor {suite.clean_accuracy_floor:.3f}: "
-                    "a protection rate would mean nothing",
+                ranks, preds = tracker.ranks(enrolled, train_labels, q_emb, [ident] * len(q_pos))
+                outcomes.append(
+                    _Outcome(
+                        ident=ident, query_idx=data.query[ident], ranks=ranks, preds=preds,
+                        ranks_clean=clean_ranks[q_pos], sims=(q_emb @ e_cloak.T).max(axis=1),
+                        sims_clean=(q_emb @ e_train[rows_of_ident].T).max(axis=1),
+                    )
                 )  # fmt: skip
+            row, q_rows = _cell_rows(suite, data, cell, outcomes, clean_all_acc, cl.seconds_per_image)
             summary.append(row)
+            rows.extend(q_rows)
     return summary, rows

@@ -13,9 +13,13 @@ Schema (all keys optional unless marked)::
     defenses:                        # required, >= 1
       - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10}}
     recognizers: [sface, sface-onnx] # required, >= 1
+    services:                        # commercial-style black boxes (default: none)
+      - {kind: rekognition | azure, backend: sface, transport: http | in-process, max_faces: 50,
+         match_threshold: 0, rate_limit_per_s: null}
     countermeasures:                 # default: [{name: none}]
       - {name: jpeg, label: jpeg-75, params: {quality: 75}, apply_to: enrollment | queries | both}
-    classifiers: [nearest-neighbour, linear]
+    classifiers: [nearest-neighbour, linear]   # the poisoning protocol's classifiers
+    protocols: [poisoning, evasion]  # evasion: gallery search by cosine, rank-1/5/50
     seeds: [0]
     device: auto | cpu | cuda
     clean_accuracy_floor: 0.5        # no protection rate is reported below this clean accuracy
@@ -24,6 +28,7 @@ Schema (all keys optional unless marked)::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +44,11 @@ from cloakbench.errors import ConfigError, RegistryError
 class DatasetSource(enum.Enum):
     DEMO = "demo"
     FOLDER = "folder"
+
+
+class Protocol(enum.Enum):
+    POISONING = "poisoning"  # tracker enrols (cloaked) photos, classifies clean queries
+    EVASION = "evasion"  # cloaked photos sit in a searchable gallery, clean probes search it (rank-k)
 
 
 class ApplyTo(enum.Enum):
@@ -89,6 +99,39 @@ class CountermeasureSpec:
     apply_to: ApplyTo = ApplyTo.ENROLLMENT
 
 
+class ServiceKind(enum.Enum):
+    REKOGNITION = "rekognition"  # collections: index faces, search by image (poisoning and evasion)
+    AZURE = "azure"  # person groups: add faces, train, identify (poisoning only: no gallery search)
+
+
+class Transport(enum.Enum):
+    IN_PROCESS = "in-process"
+    HTTP = "http"  # a real server on 127.0.0.1, called over HTTP
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSpec:
+    """A commercial-style black-box tracker backed by a zoo recognizer."""
+
+    kind: ServiceKind
+    backend: str = "sface"
+    transport: Transport = Transport.HTTP
+    label: str = ""
+    max_faces: int = 50  # matches (rekognition) or candidates (azure) asked for; evasion ranks beyond it are misses
+    match_threshold: float = 0.0  # similarity 0..100 below which a match is dropped (0: pure ranking)
+    rate_limit_per_s: float | None = None  # requests per second; calls wait for the service (token bucket)
+
+    def __post_init__(self) -> None:
+        require(1 <= self.max_faces <= 100, f"max_faces must be in 1..100, got {self.max_faces}")
+        require(
+            0.0 <= self.match_threshold <= 100.0, f"match_threshold must be in [0, 100], got {self.match_threshold}"
+        )
+        require(
+            self.rate_limit_per_s is None or self.rate_limit_per_s > 0,
+            f"rate_limit_per_s must be positive, got {self.rate_limit_per_s}",
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class BootstrapConfig:
     resamples: int = 1000
@@ -107,8 +150,10 @@ class Suite:
     protected: ProtectedConfig = field(default_factory=ProtectedConfig)
     defenses: tuple[DefenseSpec, ...]
     recognizers: tuple[str, ...]
+    services: tuple[ServiceSpec, ...] = ()
     countermeasures: tuple[CountermeasureSpec, ...] = (CountermeasureSpec(name="none"),)
     classifiers: tuple[str, ...] = ("nearest-neighbour", "linear")
+    protocols: tuple[Protocol, ...] = (Protocol.POISONING,)
     seeds: tuple[int, ...] = (0,)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     clean_accuracy_floor: float = 0.5
@@ -124,6 +169,8 @@ class Suite:
         require(len(self.recognizers) >= 1, "recognizers: at least one recognizer is needed")
         require(len(self.classifiers) >= 1, "classifiers: at least one classifier is needed")
         require(len(self.seeds) >= 1, "seeds: at least one seed is needed")
+        require(len(self.protocols) >= 1, "protocols: at least one protocol is needed")
+        require(len(set(self.protocols)) == len(self.protocols), "protocols: values repeat")
 
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)
@@ -149,8 +196,6 @@ def _list_of_mappings(value: Any, where: str, *, shorthand: bool) -> list[Mappin
 
 def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ...]:
     """Fill in default labels (the registry name) and reject duplicates."""
-    import dataclasses
-
     out = tuple(dataclasses.replace(it, label=it.label or it.name) for it in items)
     seen: dict[str, int] = {}
     for i, it in enumerate(out):
@@ -195,6 +240,11 @@ def parse_suite(data: Any, *, where: str) -> Suite:
         fields["countermeasures"] = _labelled(specs_c, where, "countermeasures")
     else:
         fields["countermeasures"] = (CountermeasureSpec(name="none", label="none"),)
+    if "services" in top:
+        items = _list_of_mappings(top["services"], f"{where}: services", shorthand=False)
+        svcs = tuple(build(ServiceSpec, it, where=f"{where}: services[{i}]") for i, it in enumerate(items))
+        svcs = tuple(dataclasses.replace(s, label=s.label or f"{s.kind.value}-{s.backend}") for s in svcs)
+        fields["services"] = _labelled(svcs, where, "services")
     for key in ("recognizers", "classifiers"):
         if key in top and (not isinstance(top[key], list) or not top[key]):
             raise ConfigError(f"{where}: {key}: expected a non-empty list of names")
@@ -227,6 +277,15 @@ def _check_names(suite: Suite, where: str) -> None:
         TRANSFORMS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
     for i, k in enumerate(suite.classifiers):
         check(CLASSIFIERS, k, f"classifiers[{i}]")
+    for i, svc in enumerate(suite.services):
+        check(RECOGNIZERS, svc.backend, f"services[{i}].backend")
+        if svc.label in suite.recognizers:
+            raise ConfigError(f"{where}: services[{i}]: label {svc.label!r} is also a recognizer name; rename it")
+        if svc.kind is ServiceKind.AZURE and Protocol.EVASION in suite.protocols:
+            raise ConfigError(
+                f"{where}: services[{i}]: an azure person group has no gallery search, so it cannot run the "
+                "evasion protocol; use kind 'rekognition', or a suite with protocols [poisoning]"
+            )
     if len(set(suite.recognizers)) != len(suite.recognizers):
         raise ConfigError(f"{where}: recognizers: names repeat")
     if len(set(suite.seeds)) != len(suite.seeds):
@@ -244,8 +303,6 @@ def load_suite(path: Path) -> Suite:
     suite = parse_suite(data, where=str(path))
     # a relative dataset path is relative to the suite file, not to wherever the command was started
     if suite.dataset.path is not None and not suite.dataset.path.is_absolute():
-        import dataclasses
-
         dataset = dataclasses.replace(suite.dataset, path=(path.parent / suite.dataset.path).resolve())
         suite = dataclasses.replace(suite, dataset=dataset)
     return suite

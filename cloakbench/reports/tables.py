@@ -26,8 +26,8 @@ def _md_escape(text: str) -> str:
 def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line per cell: protection rate with its bootstrap CI, clean accuracy and the budget used."""
     header = [
-        "defense", "recognizer", "countermeasure", "classifier", "seed", "protection (95% CI)",
-        "clean acc.", "L-inf (/255)", "PSNR dB", "SSIM", "status",
+        "protocol", "defense", "recognizer", "countermeasure", "classifier", "seed", "protection (95% CI)",
+        "clean acc.", "top-5 / top-50 acc.", "L-inf (/255)", "PSNR dB", "SSIM", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -38,9 +38,10 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
             prot = "–"
         linf = r.get("linf_max")
         cells = [
-            str(r.get("defense", "")), str(r.get("recognizer", "")), str(r.get("countermeasure", "")),
-            str(r.get("classifier", "")), str(r.get("seed", "")), prot,
+            str(r.get("protocol", "")), str(r.get("defense", "")), str(r.get("recognizer", "")),
+            str(r.get("countermeasure", "")), str(r.get("classifier", "")), str(r.get("seed", "")), prot,
             _fmt(r.get("clean_accuracy_protected")),
+            f"{_fmt(r.get('top5_accuracy'))} / {_fmt(r.get('top50_accuracy'))}",
             _fmt(linf * 255 if isinstance(linf, float) else None, 1),
             _fmt(r.get("psnr_mean"), 1), _fmt(r.get("ssim_mean"), 3),
             status if status == "ok" else f"{status}: {r.get('note', '')}",

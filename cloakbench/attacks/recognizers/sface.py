@@ -69,7 +69,7 @@ BLOCKS: tuple[tuple[int, int, int], ...] = (
     (1024, 1024, 1),
 )
 FEATURE_HW = 7  # 112 / 16
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: cleaned ONNX drops value_info (stale batch-1 shapes made onnxruntime warn)
 WEIGHTS_ID = f"sface-2021dec-int8bq:{PINNED.sha256[:16]}:v{CONVERTER_VERSION}"
 
 
@@ -217,6 +217,7 @@ def clean_onnx(onnx_path: Path, out: Path) -> None:
     graph.input.extend(real_inputs)
     graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    del graph.value_info[:]  # intermediate shapes recorded with batch 1; onnxruntime infers them again
     dead = [t for t in graph.initializer if t.name not in used]
     for t in dead:
         graph.initializer.remove(t)

@@ -1,0 +1,215 @@
+"""Commercial-style services as the tracker (DESIGN §6): the foundation protocol, run through their APIs.
+
+The tracker indexes its enrollment photos in a Rekognition-like collection (or adds them to an Azure-like
+person group and trains it), then searches (identifies) each clean query photo. One search answers both
+protocols: the top match's identity is the poisoning outcome, and the position of the first face of the
+true identity among the returned matches is the evasion rank (rank-1/5/50, LowKey's protocol; a true
+identity missing from the ``max_faces`` matches has rank ``max_faces + 1``). For each protected identity
+in turn its clean faces are replaced by its cloaked ones and put back afterwards, so the gallery never
+holds both.
+
+Identity names travel as opaque aliases (``id0000``, ...): real services restrict external ids to a small
+alphabet, and names are data. Calls go through :class:`~cloakbench.attacks.services.CollectionAPI` /
+``PersonGroupAPI`` only, so the in-process service and the HTTP client are interchangeable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cloakbench.attacks.recognizers.base import Recognizer
+from cloakbench.attacks.services import (
+    CollectionAPI,
+    CollectionClient,
+    FaceCollection,
+    PersonGroupAPI,
+    PersonGroupClient,
+    PersonGroupService,
+    RateLimit,
+    serve,
+)
+from cloakbench.attacks.services.base import IDENTIFY_MAX_IMAGES
+from cloakbench.attacks.transforms import TRANSFORMS
+from cloakbench.bench.metrics import topk_correct
+from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, Protocol, ServiceKind, ServiceSpec, Suite, Transport
+from cloakbench.images import from_uint8
+
+if TYPE_CHECKING:
+    from cloakbench.bench.runner import PreparedData, _Cloaks
+
+COLLECTION = "cloakbench"
+SERVICE_TRACKERS = {Protocol.POISONING: "service", Protocol.EVASION: "service-search"}
+
+
+@contextlib.contextmanager
+def open_service(spec: ServiceSpec, backend: Recognizer) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(api, service)``: the API the tracker calls (HTTP client or the service itself) and the service."""
+    limit = RateLimit(per_s=spec.rate_limit_per_s, burst=1, on_exceed="block") if spec.rate_limit_per_s else None
+    service: FaceCollection | PersonGroupService = (
+        FaceCollection(backend, rate_limit=limit)
+        if spec.kind is ServiceKind.REKOGNITION
+        else PersonGroupService(backend, rate_limit=limit)
+    )
+    if spec.transport is Transport.IN_PROCESS:
+        yield service, service
+        return
+    with serve(service) as url:
+        client = CollectionClient(url) if spec.kind is ServiceKind.REKOGNITION else PersonGroupClient(url)
+        yield client, service
+
+
+class _Gallery:
+    """The tracker's enrolled faces in a service, by identity, with swap-in/swap-out of one identity."""
+
+    def __init__(self, spec: ServiceSpec, api: Any, aliases: dict[str, str]) -> None:
+        self.spec = spec
+        self.api = api
+        self.aliases = aliases
+        self.names = {a: ident for ident, a in aliases.items()}
+        self.faces: dict[str, list[str]] = {}  # rekognition face ids, or [person id] for azure
+        if spec.kind is ServiceKind.REKOGNITION:
+            api.create_collection(COLLECTION)
+        else:
+            api.create_person_group(COLLECTION)
+
+    def enrol(self, ident: str, images: torch.Tensor) -> None:
+        if self.spec.kind is ServiceKind.REKOGNITION:
+            api: CollectionAPI = self.api
+            self.faces[ident] = [
+                api.index_faces(COLLECTION, images[i : i + 1], self.aliases[ident]) for i in range(images.shape[0])
+            ]
+            return
+        group: PersonGroupAPI = self.api
+        person = group.create_person(COLLECTION, self.aliases[ident])
+        for i in range(images.shape[0]):
+            group.add_face(COLLECTION, person, images[i : i + 1])
+        self.faces[ident] = [person]
+
+    def remove(self, ident: str) -> None:
+        if self.spec.kind is ServiceKind.REKOGNITION:
+            self.api.delete_faces(COLLECTION, self.faces.pop(ident))
+        else:
+            self.api.delete_person(COLLECTION, self.faces.pop(ident)[0])
+
+    def ready(self) -> None:
+        if self.spec.kind is ServiceKind.AZURE:
+            self.api.train(COLLECTION)
+
+    def search(self, images: torch.Tensor, truth: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """Per probe: identity-level rank, face-level (evasion) rank, predicted identity, true similarity."""
+        n = images.shape[0]
+        id_ranks = np.empty(n, dtype=np.int64)
+        face_ranks = np.empty(n, dtype=np.int64)
+        preds: list[str] = []
+        sims = np.full(n, np.nan)
+        miss = self.spec.max_faces + 1
+        if self.spec.kind is ServiceKind.REKOGNITION:
+            for i in range(n):
+                matches = self.api.search_faces_by_image(
+                    COLLECTION, images[i : i + 1], max_faces=self.spec.max_faces,
+                    face_match_threshold=self.spec.match_threshold,
+                )  # fmt: skip
+                order = [self.names[m.external_image_id] for m in matches]
+                distinct = list(dict.fromkeys(order))
+                preds.append(order[0] if order else "")
+                true_ident = truth[i]
+                id_ranks[i] = distinct.index(true_ident) + 1 if true_ident in distinct else len(distinct) + 1
+                face_ranks[i] = order.index(true_ident) + 1 if true_ident in order else miss
+                hits = [m.similarity for m in matches if self.names[m.external_image_id] == true_ident]
+                sims[i] = max(hits) / 100.0 if hits else np.nan
+            return id_ranks, face_ranks, preds, sims
+        persons = {pid[0]: ident for ident, pid in self.faces.items()}
+        for start in range(0, n, IDENTIFY_MAX_IMAGES):
+            batch = [images[i : i + 1] for i in range(start, min(n, start + IDENTIFY_MAX_IMAGES))]
+            answers = self.api.identify(
+                COLLECTION,
+                batch,
+                max_candidates=self.spec.max_faces,
+                confidence_threshold=self.spec.match_threshold / 100,
+            )
+            for j, candidates in enumerate(answers):
+                i = start + j
+                order = [persons[c.person_id] for c in candidates]
+                preds.append(order[0] if order else "")
+                id_ranks[i] = order.index(truth[i]) + 1 if truth[i] in order else len(order) + 1
+                face_ranks[i] = id_ranks[i]
+                hits = [c.confidence for c in candidates if persons[c.person_id] == truth[i]]
+                sims[i] = max(hits) if hits else np.nan
+        return id_ranks, face_ranks, preds, sims
+
+
+def evaluate_service(
+    suite: Suite, data: PreparedData, seed: int, spec: ServiceSpec, backend: Recognizer, cm: CountermeasureSpec,
+    cloaks: dict[str, _Cloaks],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """Summary rows, per-query rows and the service's query counts for one (service, countermeasure)."""
+    from cloakbench.bench.runner import _cell_rows, _Outcome, derive_seed
+
+    transform = TRANSFORMS.create(cm.name, **dict(cm.params))
+    t_seed = derive_seed(seed, cm.label)
+    on_enroll = cm.apply_to in (ApplyTo.ENROLLMENT, ApplyTo.BOTH)
+    on_query = cm.apply_to in (ApplyTo.QUERIES, ApplyTo.BOTH)
+
+    def prepare(images: torch.Tensor, apply: bool) -> torch.Tensor:
+        return transform.apply(images, generator=torch.Generator().manual_seed(t_seed)) if apply else images
+
+    identities = sorted(data.train)
+    aliases = {ident: f"id{i:04d}" for i, ident in enumerate(identities)}
+    enrol_images = {ident: prepare(data.images[data.train[ident]], on_enroll) for ident in identities}
+    query_images = {
+        ident: prepare(data.images[data.query[ident]], on_query) for ident in identities if len(data.query[ident])
+    }
+
+    summary: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    with open_service(spec, backend) as (api, service):
+        gallery = _Gallery(spec, api, aliases)
+        for ident in identities:
+            gallery.enrol(ident, enrol_images[ident])
+        gallery.ready()
+        clean: dict[str, tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = {
+            ident: gallery.search(query_images[ident], [ident] * query_images[ident].shape[0]) for ident in query_images
+        }
+        clean_all_id = float(topk_correct(np.concatenate([c[0] for c in clean.values()]), 1).mean())
+        clean_all_face = float(topk_correct(np.concatenate([c[1] for c in clean.values()]), 1).mean())
+        protocols = [Protocol.POISONING] if spec.kind is ServiceKind.AZURE else list(suite.protocols)
+        for d in suite.defenses:
+            cl = cloaks[d.label]
+            cells = {
+                p: {"seed": seed, "protocol": p.value, "defense": d.label, "recognizer": spec.label,
+                    "countermeasure": cm.label, "classifier": SERVICE_TRACKERS[p]}
+                for p in protocols
+            }  # fmt: skip
+            if cl.error is not None:
+                summary += [{**c, "status": "failed", "note": cl.error} for c in cells.values()]
+                continue
+            outcomes: dict[Protocol, list[Any]] = {p: [] for p in protocols}
+            for ident in data.protected:
+                gallery.remove(ident)
+                gallery.enrol(ident, prepare(from_uint8(cl.images[ident]), on_enroll))
+                gallery.ready()
+                id_r, face_r, preds, sims = gallery.search(query_images[ident], [ident] * query_images[ident].shape[0])
+                c_id, c_face, _, c_sims = clean[ident]
+                gallery.remove(ident)
+                gallery.enrol(ident, enrol_images[ident])
+                gallery.ready()
+                for p in protocols:
+                    poisoning = p is Protocol.POISONING
+                    outcomes[p].append(
+                        _Outcome(
+                            ident=ident, query_idx=data.query[ident], ranks=id_r if poisoning else face_r,
+                            preds=preds, ranks_clean=c_id if poisoning else c_face, sims=sims, sims_clean=c_sims,
+                        )
+                    )  # fmt: skip
+            for p in protocols:
+                clean_all = clean_all_id if p is Protocol.POISONING else clean_all_face
+                row, q_rows = _cell_rows(suite, data, cells[p], outcomes[p], clean_all, cl.seconds_per_image)
+                summary.append(row)
+                rows.extend(q_rows)
+        counts = dict(service.query_counts())
+    return summary, rows, counts

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import insightface  # a test extra: this file exercises the insightface path itself
+import pytest
 import torch
 
 from cloakbench.attacks.recognizers import RECOGNIZERS, ChannelOrder, sface

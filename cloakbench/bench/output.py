@@ -11,6 +11,7 @@ Layout of ``<run>/``::
     queries.csv       one row per (cell, query photo): prediction, rank, similarity, clean outcome
     summary.csv       one row per cell, with ``status`` (ok / refused / failed) and ``note``
     summary.md        the summary as a Markdown table
+    matrix.md         defense x recognizer protection matrices (the transfer table)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
-from cloakbench.reports.tables import markdown_summary
+from cloakbench.reports.tables import markdown_summary, protection_matrices
 
 SUMMARY_COLUMNS = [
     "seed", "protocol", "defense", "recognizer", "countermeasure", "classifier", "status", "n_identities",
@@ -111,6 +112,7 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / "queries.csv", _csv_text(result.queries))
     atomic_write_text(out_dir / "summary.csv", _csv_text(summary, SUMMARY_COLUMNS))
     atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    atomic_write_text(out_dir / "matrix.md", protection_matrices(summary))
     if result.alignment is not None:
         atomic_write_text(out_dir / "alignment.json", json.dumps(result.alignment, indent=1))
     return {"summary": summary, "metadata": meta}

@@ -99,6 +99,11 @@ def load_manifest(suite: Suite) -> tuple[Manifest, dict[str, Any] | None]:
         root, report = demo_dataset()
         return scan_folder(root), {"counts": report.counts(), "photos": report.to_json(root)}
     assert suite.dataset.path is not None
+    if suite.dataset.align:
+        from cloakbench.datasets import align_dataset
+
+        root, report = align_dataset(suite.dataset.path)
+        return scan_folder(root), {"counts": report.counts(), "photos": report.to_json(root)}
     return scan_folder(suite.dataset.path), None
 
 

@@ -8,7 +8,7 @@ Schema (all keys optional unless marked)::
 
     name: quick                      # required
     description: ...
-    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10}
+    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10, align: false}
     protected: {identities: all | [names], count: N}   # one protected identity at a time
     defenses:                        # required, >= 1
       - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10}}
@@ -63,6 +63,7 @@ class DatasetConfig:
     path: Path | None = None
     train_fraction: float = 0.7
     split_seed: int = 10
+    align: bool = False  # detect (YuNet, dlib as fallback) and align unaligned photos to 112x112 first
 
     def __post_init__(self) -> None:
         require(0 < self.train_fraction < 1, f"train_fraction must be in (0, 1), got {self.train_fraction}")
@@ -70,6 +71,7 @@ class DatasetConfig:
             require(self.path is not None, "source 'folder' needs a 'path'")
         else:
             require(self.path is None, "'path' is only for source 'folder'")
+            require(not self.align, "'align' is only for source 'folder' (the demo set is always aligned)")
 
 
 @dataclass(frozen=True, kw_only=True)

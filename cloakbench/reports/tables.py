@@ -48,3 +48,36 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
         ]  # fmt: skip
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def protection_matrices(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Defense x recognizer matrices of protection rates, one per (protocol, countermeasure, classifier, seed).
+
+    The transfer table: cloaks made against one surrogate (a defense row) evaluated by every recognizer
+    (a column). Cells that were refused or failed show their status instead of a number.
+    """
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        key = tuple(str(r.get(k, "")) for k in ("protocol", "countermeasure", "classifier", "seed"))
+        groups.setdefault(key, []).append(r)
+    out: list[str] = []
+    for (protocol, cm, clf, seed), group in groups.items():
+        defenses = list(dict.fromkeys(str(r.get("defense", "")) for r in group))
+        recognizers = list(dict.fromkeys(str(r.get("recognizer", "")) for r in group))
+        cell = {(str(r.get("defense", "")), str(r.get("recognizer", ""))): r for r in group}
+        out.append(f"### protection rate: {protocol}, countermeasure {cm}, classifier {clf}, seed {seed}\n")
+        out.append("| defense \\ recognizer | " + " | ".join(_md_escape(c) for c in recognizers) + " |")
+        out.append("|---|" + "---|" * len(recognizers))
+        for d in defenses:
+            values = []
+            for rec in recognizers:
+                found = cell.get((d, rec))
+                if found is None:
+                    values.append("")
+                elif found.get("status") == "ok":
+                    values.append(_fmt(found.get("protection_rate")))
+                else:
+                    values.append(str(found.get("status", "")))
+            out.append(f"| {_md_escape(d)} | " + " | ".join(values) + " |")
+        out.append("")
+    return "\n".join(out)

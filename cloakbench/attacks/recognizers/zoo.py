@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cloakbench.attacks.recognizers import insightface_onnx, sface
+from cloakbench.attacks.recognizers import dlib_resnet, facenet, insightface_onnx, sface
 from cloakbench.attacks.recognizers.base import InputSpec, Recognizer
 from cloakbench.fetch import is_cached
 from cloakbench.registry import EntryMeta, Registry
@@ -60,6 +60,43 @@ RECOGNIZERS.register(
         details=details(dim=128, spec=sface.SPEC, white_box=False, devices="cpu (CUDA provider if installed)"),
         is_cached=lambda: is_cached(sface.PINNED),
         **_SFACE,  # type: ignore[arg-type]
+    ),
+)
+
+
+RECOGNIZERS.register(
+    "facenet-casia",
+    facenet.facenet_casia,
+    meta=EntryMeta(
+        summary="FaceNet Inception-ResNet-v1, CASIA-WebFace (Sandberg 20180408-102900), 512-d, PyTorch white box",
+        tags=("white-box",),
+        details=details(dim=facenet.CASIA_EMBEDDING_DIM, spec=facenet.CASIA_SPEC, white_box=True, devices="cpu, cuda"),
+        is_cached=lambda: is_cached(facenet.CASIA_PINNED),
+        **facenet.CASIA_META,
+    ),
+)
+RECOGNIZERS.register(
+    "facenet-msceleb",
+    facenet.facenet_msceleb,
+    meta=EntryMeta(
+        summary="FaceNet Inception-ResNet-v1, MS-Celeb-1M (Keras port), 128-d, PyTorch white box",
+        tags=("white-box",),
+        details=details(
+            dim=facenet.MSCELEB_EMBEDDING_DIM, spec=facenet.MSCELEB_SPEC, white_box=True, devices="cpu, cuda"
+        ),
+        is_cached=lambda: is_cached(facenet.MSCELEB_PINNED),
+        **facenet.MSCELEB_META,
+    ),
+)
+RECOGNIZERS.register(
+    "dlib-resnet",
+    dlib_resnet.dlib_resnet,
+    meta=EntryMeta(
+        summary="dlib ResNet v1 (ResNet-29), 128-d, black box on dlib's own 150x150 face chips",
+        tags=("black-box",),
+        details=details(dim=dlib_resnet.EMBEDDING_DIM, spec=dlib_resnet.SPEC, white_box=False, devices="cpu"),
+        is_cached=lambda: is_cached(dlib_resnet.DLIB_PINNED_RESNET, dlib_resnet.DLIB_PINNED_SHAPE5),
+        **dlib_resnet.DLIB_META,
     ),
 )
 

@@ -111,6 +111,9 @@ def test_run_writes_a_complete_run_folder(
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["dataset"]["path"] == str(faces.resolve())  # the fully resolved config
     assert resolved["defenses"][0]["label"] == "noise"
+    from cloakbench.bench.suite import load_suite, parse_suite
+
+    assert parse_suite(resolved, where="config.yaml") == load_suite(suite)  # the resolved config re-runs as is
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["packages"]["torch"]
     assert meta["device"] == "cpu" or meta["device"].startswith("cuda")

@@ -185,9 +185,9 @@ def _require_mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _list_of_mappings(value: Any, where: str, *, shorthand: bool) -> list[Mapping[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}: expected a non-empty list")
+def _list_of_mappings(value: Any, where: str, *, shorthand: bool, allow_empty: bool = False) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not (value or allow_empty):
+        raise ConfigError(f"{where}: expected a {'' if allow_empty else 'non-empty '}list")
     items = []
     for i, item in enumerate(value):
         if shorthand and isinstance(item, str):
@@ -243,7 +243,7 @@ def parse_suite(data: Any, *, where: str) -> Suite:
     else:
         fields["countermeasures"] = (CountermeasureSpec(name="none", label="none"),)
     if "services" in top:
-        items = _list_of_mappings(top["services"], f"{where}: services", shorthand=False)
+        items = _list_of_mappings(top["services"], f"{where}: services", shorthand=False, allow_empty=True)
         svcs = tuple(build(ServiceSpec, it, where=f"{where}: services[{i}]") for i, it in enumerate(items))
         svcs = tuple(dataclasses.replace(s, label=s.label or f"{s.kind.value}-{s.backend}") for s in svcs)
         fields["services"] = _labelled(svcs, where, "services")

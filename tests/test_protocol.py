@@ -88,8 +88,12 @@ def test_jpeg_countermeasure_changes_pgd_protection(celeb24_run: RunResult) -> N
 
 
 def numbers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Summary rows without wall-clock timings (the only thing allowed to differ between runs)."""
-    return [{k: v for k, v in r.items() if k != "cloak_s_per_image"} for r in rows]
+    """Summary rows without wall-clock timings (the only thing allowed to differ between runs); NaN (an
+    undefined top-k) compares equal to NaN."""
+    return [
+        {k: "nan" if isinstance(v, float) and v != v else v for k, v in r.items() if k != "cloak_s_per_image"}
+        for r in rows
+    ]
 
 
 def _small_dataset(celeb24_root: Path, tmp_path: Path, n: int = 6) -> Path:
@@ -241,3 +245,17 @@ def test_services_run_the_same_protocols_over_http(celeb24_root: Path, tmp_path:
             cell(result, defense=defense, recognizer="azure")["protection_rate"]
             == cell(result, defense=defense, recognizer="sface")["protection_rate"]
         )
+
+
+def test_topk_accuracy_is_undefined_when_k_covers_every_candidate() -> None:
+    """With 5 identities, top-5 accuracy is 1.0 by construction: it is reported as missing, not as 1.0."""
+    import math
+
+    import numpy as np
+
+    from cloakbench.bench.runner import _topk_accuracy
+
+    ranks = np.array([1, 3, 5, 2])
+    assert _topk_accuracy(ranks, 2, n_candidates=5) == 0.5
+    assert math.isnan(_topk_accuracy(ranks, 5, n_candidates=5))
+    assert _topk_accuracy(ranks, 5, n_candidates=6) == 1.0

@@ -342,6 +342,11 @@ class _Outcome:
     sims_clean: np.ndarray
 
 
+def _topk_accuracy(ranks: np.ndarray, k: int, n_candidates: int) -> float:
+    """Top-k accuracy, or NaN when k covers every candidate (it would be 1.0 by construction)."""
+    return float(topk_correct(ranks, k).mean()) if k < n_candidates else float("nan")
+
+
 def _cell_rows(
     suite: Suite, data: PreparedData, cell: dict[str, Any], outcomes: list[_Outcome], clean_all_acc: float,
     seconds_per_image: float | None,
@@ -358,6 +363,8 @@ def _cell_rows(
             })  # fmt: skip
     ranks = np.concatenate([o.ranks for o in outcomes])
     correct = topk_correct(ranks, 1)
+    # Poisoning ranks identities; evasion ranks gallery photos.
+    n_candidates = len(data.train) if cell["protocol"] == Protocol.POISONING.value else len(data.all_train)
     clean_acc = float(topk_correct(np.concatenate([o.ranks_clean for o in outcomes]), 1).mean())
     rng = np.random.default_rng(derive_seed("bootstrap", cell))
     lo, hi = bootstrap_ci(
@@ -368,7 +375,8 @@ def _cell_rows(
         **cell, "n_identities": len(outcomes), "n_queries": int(ranks.size),
         "protection_rate": protection_rate(correct), "ci_low": lo, "ci_high": hi,
         "protection_rate_identity_mean": float(np.mean([protection_rate(topk_correct(o.ranks, 1)) for o in outcomes])),
-        "top5_accuracy": float(topk_correct(ranks, 5).mean()), "top50_accuracy": float(topk_correct(ranks, 50).mean()),
+        "top5_accuracy": _topk_accuracy(ranks, 5, n_candidates),
+        "top50_accuracy": _topk_accuracy(ranks, 50, n_candidates),
         "clean_accuracy_protected": clean_acc, "clean_accuracy_all": clean_all_acc,
         "cloak_s_per_image": seconds_per_image, "status": "ok", "note": "",
     }  # fmt: skip

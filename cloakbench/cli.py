@@ -1,7 +1,7 @@
-"""Command-line interface: ``cloakbench run | list | validate``.
+"""Command-line interface: ``cloakbench run | list | validate | protect``.
 
-Exit codes: 0 success; 1 the run finished but some cells failed; 2 bad input (suite, dataset, arguments);
-3 a required file could not be fetched.
+Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
+2 bad input (suite, dataset, arguments); 3 a required file could not be fetched.
 """
 
 from __future__ import annotations
@@ -127,6 +127,50 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_protect(args: argparse.Namespace) -> int:
+    from cloakbench.protect import CLOAKED, NOT_IMAGE, parse_params, protect_folder
+
+    chatty = not (args.quiet or args.json)
+
+    def progress(message: str) -> None:
+        sys.stderr.write(f"cloakbench protect: {message}\n")
+
+    report = protect_folder(
+        Path(args.folder),
+        defense=args.defense,
+        surrogates=args.surrogate,
+        params=parse_params(args.param),
+        seed=args.seed,
+        device=args.device,
+        aligned=args.aligned,
+        out_dir=Path(args.out) if args.out else None,
+        progress=progress if chatty else None,
+    )
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        for photo in report.photos:
+            if photo.status == CLOAKED:
+                assert photo.output is not None
+                budgets = "; ".join(
+                    f"L-inf {f.linf * 255:.3g}/255, PSNR {f.psnr:.1f} dB, SSIM {f.ssim:.4f}, DSSIM {f.dssim:.4f}"
+                    for f in photo.faces
+                )
+                faces = f"{len(photo.faces)} face{'s' if len(photo.faces) != 1 else ''}"
+                sys.stdout.write(
+                    f"{photo.status:<10} {photo.source.name} -> {photo.output.name}  ({faces}: {budgets})\n"
+                )
+            else:
+                sys.stdout.write(f"{photo.status:<10} {photo.source.name}  ({photo.detail})\n")
+        photos = sum(1 for p in report.photos if p.status != NOT_IMAGE)
+        sys.stdout.write(
+            f"\n{report.n_cloaked} of {photos} photo(s) cloaked with {report.defense} into {report.out_dir} "
+            f"({report.seconds:.0f} s)\n"
+        )
+    return EXIT_CELLS_FAILED if report.skipped else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloakbench", description="Benchmark face cloaking defenses against face recognizers."
@@ -156,6 +200,43 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a suite file without running it")
     val.add_argument("suite")
     val.set_defaults(func=_cmd_validate)
+
+    prot = sub.add_parser(
+        "protect",
+        help="cloak the photos in a folder (writes <stem>_cloaked.png; exit 1 when some photo was skipped)",
+    )
+    prot.add_argument("folder", help="folder of photos of one person (jpg, jpeg, png, bmp, webp; not recursive)")
+    prot.add_argument(
+        "--defense", default="fawkes-high", help="a name from 'cloakbench list defenses' (default: %(default)s)"
+    )
+    prot.add_argument(
+        "--surrogate",
+        action="append",
+        metavar="NAME",
+        help="recognizer to optimise against, repeatable (default: sface; sface and facenet-casia for "
+        "two-extractor defenses such as fawkes-v1-high, and lowkey)",
+    )
+    prot.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of the defense, repeatable; the value is a YAML scalar (e.g. steps=50)",
+    )
+    prot.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    prot.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
+    prot.add_argument(
+        "--aligned",
+        action="store_true",
+        help="the photos are already 112x112 ArcFace-aligned faces: cloak them as they are",
+    )
+    prot.add_argument("--out", metavar="DIR", help="where to write the cloaked photos (default: beside the originals)")
+    prot_mode = prot.add_mutually_exclusive_group()
+    prot_mode.add_argument(
+        "--quiet", action="store_true", help="no progress and no per-photo lines (warnings still go to stderr)"
+    )
+    prot_mode.add_argument("--json", action="store_true", help="print the outcome of every photo as JSON (for scripts)")
+    prot.set_defaults(func=_cmd_protect)
     return parser
 
 

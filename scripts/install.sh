@@ -2,7 +2,7 @@
 # Install cloakbench (editable) into the active Python environment.
 #
 #   bash scripts/install.sh           # the package: enough for `cloakbench run quick`
-#   bash scripts/install.sh --test    # plus pytest, pytest-benchmark, ruff and mypy
+#   bash scripts/install.sh --test    # plus pytest, pytest-benchmark, ruff, mypy and torchattacks
 #
 # PyTorch: if torch is already importable it is kept as it is (GPU users keep their CUDA build). If not,
 # a machine with an NVIDIA GPU lets pip pick torch as usual (a CUDA build), and a machine without one
@@ -35,3 +35,9 @@ else
 fi
 
 "$python_bin" -m pip install -e ".${extras}"
+if [ "$extras" = "[test]" ]; then
+  # torchattacks (the reference PGD of the parity test and the speed benchmark) imports only torch, numpy,
+  # scipy and tqdm, but declares torchvision and requests~=2.25: resolving those would replace the CPU
+  # torch with a CUDA build and downgrade requests. --no-deps installs just the package.
+  "$python_bin" -m pip install --no-deps "torchattacks==3.5.1"
+fi

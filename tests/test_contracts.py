@@ -11,7 +11,7 @@ import torch
 
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.config import build, require
-from cloakbench.defenses import DEFENSES, Budget, BudgetKind, Defense, DefenseRequirements, ThreatModel
+from cloakbench.defenses import DEFENSES, Budget, Defense, DefenseRequirements, ThreatModel
 from cloakbench.errors import ConfigError, ImageContractError, RegistryError
 from cloakbench.images import check_images, from_uint8, quantize, to_uint8
 from cloakbench.registry import EntryMeta, Registry
@@ -96,7 +96,7 @@ class _Rogue(Defense):
     requirements = DefenseRequirements(differentiable_surrogates=False, min_surrogates=0)
 
     def __init__(self, delta: float) -> None:
-        super().__init__(name="rogue", budget=Budget(kind=BudgetKind.LINF, value=4 / 255))
+        super().__init__(name="rogue", budget=Budget(linf=4 / 255))
         self.delta = delta
 
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:

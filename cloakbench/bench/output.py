@@ -12,6 +12,7 @@ Layout of ``<run>/``::
     summary.csv       one row per cell, with ``status`` (ok / refused / failed) and ``note``
     summary.md        the summary as a Markdown table
     matrix.md         defense x recognizer protection matrices (the transfer table)
+    grids/<defense>.png  original / cloaked / 10x amplified difference of the first protected photos
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
     return buffer.getvalue()
 
 
+def _file_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(image).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
 def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     """Write the run folder (see module docstring) and return the summary rows with quality attached."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,4 +129,6 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / "matrix.md", protection_matrices(summary))
     if result.alignment is not None:
         atomic_write_text(out_dir / "alignment.json", json.dumps(result.alignment, indent=1))
+    for label, grid in result.grids.items():
+        _write_png(out_dir / "grids" / f"{_file_name(label)}.png", grid)
     return {"summary": summary, "metadata": meta}

@@ -13,6 +13,8 @@ one defense or recognizer becomes rows with ``status = failed`` and the rest of 
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import time
 import traceback
@@ -40,6 +42,7 @@ from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, D
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
 from cloakbench.defenses import DEFENSES, quality_report
+from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
 from cloakbench.images import from_uint8, to_uint8
 
@@ -61,6 +64,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     alignment: dict[str, Any] | None = None  # detection/alignment outcomes when the run aligned photos
     service_usage: dict[str, dict[str, int]] = field(default_factory=dict)  # queries per service operation
+    grids: dict[str, np.ndarray] = field(default_factory=dict)  # defense label -> original/cloaked/diff grid
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,18 @@ def choose_protected(suite: Suite, manifest: Manifest, eligible: Sequence[str]) 
         )
     rng = np.random.default_rng(suite.dataset.split_seed)
     return tuple(sorted(rng.choice(np.array(eligible), size=cfg.count, replace=False).tolist()))
+
+
+def cap_per_identity(manifest: Manifest, limit: int, *, seed: int) -> Manifest:
+    """A seeded sample of at most ``limit`` photos per identity (the same photos on every run)."""
+    kept: list[Any] = []
+    for ident, records in manifest.by_identity().items():
+        if len(records) <= limit:
+            kept.extend(records)
+            continue
+        rng = np.random.default_rng([seed, derive_seed("cap", ident) % 2**32])
+        kept.extend(records[int(i)] for i in sorted(rng.permutation(len(records))[:limit]))
+    return dataclasses.replace(manifest, records=tuple(sorted(kept, key=lambda r: r.image_id)))
 
 
 def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
@@ -205,7 +221,10 @@ def cloak_all(
     *, progress: bool, quality_rows: list[dict[str, Any]],
 ) -> _Cloaks:  # fmt: skip
     surrogates = [models.get(s) for s in spec.surrogates]
-    defense = DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **dict(spec.params))
+    extra: dict[str, Any] = {}
+    if "public" in DEFENSES.get(spec.name).runtime_args:
+        extra["public"] = dataset_target_pool(data)
+    defense = DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **extra, **dict(spec.params))
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
     seconds = 0.0
@@ -225,7 +244,7 @@ def cloak_all(
             cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator)
             seconds += time.perf_counter() - start
             computed += originals.shape[0]
-            return to_uint8(cloaked)
+            return png_round_trip(to_uint8(cloaked))
 
         arr = cache.get_or_compute("cloaks", key_parts, compute)
         out[ident] = arr
@@ -243,6 +262,35 @@ def cloak_all(
     return _Cloaks(images=out, key=keys, seconds_per_image=(seconds / computed) if computed else None)
 
 
+def png_round_trip(images: np.ndarray) -> np.ndarray:
+    """Save every cloaked photo as a real PNG and read it back: what a tracker scrapes is the file."""
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            out[i] = np.asarray(decoded.convert("RGB"))
+    return out
+
+
+def dataset_target_pool(data: PreparedData) -> PublicFaces:
+    """The benchmark's non-protected identities as a target pool (``target_pool: dataset``): their
+    enrollment photos, at most :data:`MAX_IMAGES_PER_TARGET` each."""
+    protected = set(data.protected)
+    images = {}
+    shas = []
+    for ident, idx in sorted(data.train.items()):
+        if ident in protected or len(idx) == 0:
+            continue
+        chosen = idx[:MAX_IMAGES_PER_TARGET]
+        images[ident] = data.images[chosen]
+        shas.append((ident, [data.shas[i] for i in chosen]))
+    return PublicFaces(source="dataset", images=images, digest=stable_hash(shas))
+
+
 def _embed(rec: Recognizer, images: torch.Tensor, transform: InputTransform | None, seed: int) -> np.ndarray:
     if transform is not None:
         images = transform.apply(images, generator=torch.Generator().manual_seed(seed))
@@ -256,6 +304,8 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     manifest, alignment = load_manifest(suite)
+    if suite.dataset.max_per_identity is not None:
+        manifest = cap_per_identity(manifest, suite.dataset.max_per_identity, seed=suite.dataset.split_seed)
     data = prepare_data(suite, manifest)
     timings["data_s"] = time.perf_counter() - t0
     models = _Models(device)
@@ -263,6 +313,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     queries: list[dict[str, Any]] = []
     cloak_rows: list[dict[str, Any]] = []
     service_usage: dict[str, dict[str, int]] = {}
+    grids: dict[str, np.ndarray] = {}
 
     for seed in suite.seeds:
         cloaks: dict[str, _Cloaks] = {}
@@ -276,6 +327,8 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
                 log.error("defense %s failed: %s", spec.label, exc)
                 cloaks[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
         timings[f"cloak_s_seed{seed}"] = time.perf_counter() - t
+        if seed == suite.seeds[0]:
+            grids.update(_grids(data, cloaks))
         t = time.perf_counter()
         grid = [(r, c) for r in suite.recognizers for c in suite.countermeasures]
         for rec_name, cm in _progress(grid, enabled=progress, desc=f"evaluate seed={seed}", total=len(grid)):
@@ -314,8 +367,25 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     return RunResult(
         suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest, splits=data.splits,
         onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
-        service_usage=service_usage,
+        service_usage=service_usage, grids=grids,
     )  # fmt: skip
+
+
+GRID_PHOTOS = 4
+
+
+def _grids(data: PreparedData, cloaks: dict[str, _Cloaks]) -> dict[str, np.ndarray]:
+    """Original / cloaked / amplified-difference grids of the first protected identity's first photos."""
+    from cloakbench.reports.grids import cloak_grid
+
+    ident = data.protected[0]
+    idx = data.train[ident][:GRID_PHOTOS]
+    originals = to_uint8(data.images[idx])
+    return {
+        label: cloak_grid(originals, cl.images[ident][:GRID_PHOTOS])
+        for label, cl in cloaks.items()
+        if cl.error is None and ident in cl.images
+    }
 
 
 def _error_text(exc: BaseException) -> str:

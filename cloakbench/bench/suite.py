@@ -8,7 +8,8 @@ Schema (all keys optional unless marked)::
 
     name: quick                      # required
     description: ...
-    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10, align: false}
+    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10, align: false,
+              max_per_identity: null}
     protected: {identities: all | [names], count: N}   # one protected identity at a time
     defenses:                        # required, >= 1
       - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10}}
@@ -64,9 +65,14 @@ class DatasetConfig:
     train_fraction: float = 0.7
     split_seed: int = 10
     align: bool = False  # detect (YuNet, dlib as fallback) and align unaligned photos to 112x112 first
+    max_per_identity: int | None = None  # keep a seeded sample of this many photos per identity (CPU-sized runs)
 
     def __post_init__(self) -> None:
         require(0 < self.train_fraction < 1, f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        require(
+            self.max_per_identity is None or self.max_per_identity >= 2,
+            f"max_per_identity must be >= 2 (one enrollment and one query photo), got {self.max_per_identity}",
+        )
         if self.source is DatasetSource.FOLDER:
             require(self.path is not None, "source 'folder' needs a 'path'")
         else:

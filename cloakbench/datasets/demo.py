@@ -207,6 +207,17 @@ class AlignmentReport:
         return cls(outcomes=tuple(outcomes))
 
 
+def first_detection(
+    rgb: np.ndarray, names: Sequence[str], detectors: Sequence[FaceDetector]
+) -> tuple[list[Detection], str]:
+    """The faces found by the first detector (in order) that finds any, and its name; ``([], "")`` if none."""
+    for name, detector in zip(names, detectors, strict=True):
+        found = list(detector.detect(rgb))
+        if found:
+            return found, name
+    return [], ""
+
+
 def _safe_name(name: str) -> bool:
     """A single, visible path component: no separators, not ``.``/``..``, no NUL, no leading dot."""
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
@@ -303,13 +314,7 @@ def align_folder(
         except Exception as exc:  # a decoder failure on untrusted bytes is an outcome, never a crash
             outcomes.append(_outcome(entry.rel, entry.identity, UNREADABLE, detail=_unreadable_detail(entry.path, exc)))
             continue
-        detections: list[Detection] = []
-        found_by = ""
-        for name, candidate in zip(names, detectors, strict=True):
-            detections = candidate.detect(rgb)
-            if detections:
-                found_by = name
-                break
+        detections, found_by = first_detection(rgb, names, detectors)
         if not detections:
             tried = ", ".join(names)
             outcomes.append(_outcome(entry.rel, entry.identity, NO_FACE, detail=f"no face found by {tried}"))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
-from cloakbench.defenses.budgets import Budget, BudgetKind, quality_report
+from cloakbench.defenses.budgets import Budget, quality_report
 from cloakbench.defenses.registry import DEFENSES
 
 __all__ = [
     "DEFENSES",
     "Budget",
-    "BudgetKind",
     "Defense",
     "DefenseRequirements",
     "ThreatModel",

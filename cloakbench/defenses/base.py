@@ -19,10 +19,7 @@ import torch
 from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.defenses.budgets import Budget
 from cloakbench.errors import ConfigError, ImageContractError
-from cloakbench.images import check_images, quantize
-
-QUANTISATION_SLACK = 0.5 / 255 + 1e-6
-"""How far rounding to uint8 may move a pixel; budgets are checked with this tolerance."""
+from cloakbench.images import check_images
 
 
 class ThreatModel(enum.Enum):
@@ -81,14 +78,11 @@ class Defense(abc.ABC):
             raise ImageContractError(f"{self.name}: returned shape {list(out.shape)}, expected {list(images.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise ImageContractError(f"{self.name}: produced NaN or infinite pixels")
-        out = out.detach().to(images.device, torch.float32)
-        out = self.budget.project(images, out).clamp(0.0, 1.0)
-        out = quantize(out)
-        used = self.budget.measure(images, out)
-        worst = float(used.max())
-        if worst > self.budget.value + QUANTISATION_SLACK:
+        out = self.budget.enforce(images, out.detach().to(images.device, torch.float32))
+        problems = self.budget.violations(images, out)
+        if problems:
             raise AssertionError(
-                f"{self.name}: budget {self.budget.describe()} exceeded after quantisation ({worst:.6g})"
+                f"{self.name}: budget {self.budget.describe()} exceeded after quantisation: {'; '.join(problems)}"
             )
         return out
 

@@ -4,11 +4,14 @@ All functions are pure and work on canonical batches (float32 [B, 3, H, W] in [0
 come back as a [B] tensor. SSIM follows Wang et al. (2004): an 11x11 Gaussian window with sigma 1.5,
 C1 = (0.01)^2, C2 = (0.03)^2 on [0, 1] data, computed per channel and averaged; DSSIM = (1 - SSIM) / 2,
 the quantity Fawkes bounds.
+
+A :class:`Budget` is enforced *after* quantisation: the L-inf ball is a projection, and a DSSIM bound is
+met by shrinking each image's perturbation (a per-image bisection on the scale of the quantised
+perturbation), so the saved PNG itself is within budget, not just the float image before rounding.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
@@ -16,35 +19,83 @@ import torch
 import torch.nn.functional as F
 
 from cloakbench.config import require
+from cloakbench.images import quantize
 
+QUANTISATION_SLACK = 0.5 / 255 + 1e-6
+"""How far rounding to uint8 may move a pixel; L-inf budgets are checked with this tolerance."""
 
-class BudgetKind(enum.Enum):
-    LINF = "linf"
+DSSIM_SLACK = 1e-6
+"""Float tolerance of the DSSIM check (the bisection itself works on quantised images)."""
+
+_BISECTION_STEPS = 12
 
 
 @dataclass(frozen=True, kw_only=True)
 class Budget:
-    """A hard budget the base :class:`~cloakbench.defenses.base.Defense` enforces on every output."""
+    """A hard budget the base :class:`~cloakbench.defenses.base.Defense` enforces on every output.
 
-    kind: BudgetKind
-    value: float
+    ``linf``: the largest change of any pixel value (on [0, 1]); ``dssim``: the largest structural
+    dissimilarity (1 - SSIM) / 2 of an image. Either or both may be set (Fawkes v1.0 sets both).
+    """
+
+    linf: float | None = None
+    dssim: float | None = None
 
     def __post_init__(self) -> None:
-        require(0.0 < self.value <= 1.0, f"budget value must be in (0, 1], got {self.value}")
+        require(self.linf is not None or self.dssim is not None, "a budget needs 'linf', 'dssim' or both")
+        require(self.linf is None or 0.0 < self.linf <= 1.0, f"linf budget must be in (0, 1], got {self.linf}")
+        require(self.dssim is None or 0.0 < self.dssim <= 0.5, f"dssim budget must be in (0, 0.5], got {self.dssim}")
 
-    def project(self, original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-        if self.kind is BudgetKind.LINF:
-            projected: torch.Tensor = original + (perturbed - original).clamp(-self.value, self.value)
-            return projected
-        raise NotImplementedError(self.kind)
+    def enforce(self, original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """Project into the budget, clip to [0, 1] and quantise to the uint8 grid (with rounding)."""
+        delta = perturbed - original
+        if self.linf is not None:
+            delta = delta.clamp(-self.linf, self.linf)
+        out = quantize((original + delta).clamp(0.0, 1.0))
+        if self.dssim is None:
+            return out
+        over = dssim(original, out) > self.dssim
+        if not bool(over.any()):
+            return out
+        idx = over.nonzero().flatten()
+        out[idx] = _shrink_to_dssim(original[idx], delta[idx], self.dssim)
+        return out
 
-    def measure(self, original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-        if self.kind is BudgetKind.LINF:
-            return linf(original, perturbed)
-        raise NotImplementedError(self.kind)
+    def violations(self, original: torch.Tensor, out: torch.Tensor) -> list[str]:
+        """What, if anything, exceeds the budget (empty when every image is within it)."""
+        problems = []
+        if self.linf is not None:
+            worst = float(linf(original, out).max())
+            if worst > self.linf + QUANTISATION_SLACK:
+                problems.append(f"L-inf {worst:.6g} > {self.linf:.6g}")
+        if self.dssim is not None:
+            # the floor: what rounding the original alone costs (zero for photos read from uint8 files)
+            floor = dssim(original, quantize(original))
+            worst_excess = float((dssim(original, out) - floor).max())
+            if worst_excess > self.dssim + DSSIM_SLACK:
+                problems.append(f"DSSIM {worst_excess:.6g} > {self.dssim:.6g}")
+        return problems
 
     def describe(self) -> str:
-        return f"{self.kind.value} <= {self.value:.6g} ({self.value * 255:.3g}/255)"
+        parts = []
+        if self.linf is not None:
+            parts.append(f"linf <= {self.linf:.6g} ({self.linf * 255:.3g}/255)")
+        if self.dssim is not None:
+            parts.append(f"dssim <= {self.dssim:.6g}")
+        return ", ".join(parts)
+
+
+def _shrink_to_dssim(original: torch.Tensor, delta: torch.Tensor, bound: float) -> torch.Tensor:
+    """The largest quantised ``original + s * delta`` (s in [0, 1], per image) with DSSIM <= bound."""
+    lo = torch.zeros(original.shape[0], device=original.device)
+    hi = torch.ones_like(lo)
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        cand = quantize((original + mid.view(-1, 1, 1, 1) * delta).clamp(0.0, 1.0))
+        ok = dssim(original, cand) <= bound
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return quantize((original + lo.view(-1, 1, 1, 1) * delta).clamp(0.0, 1.0))
 
 
 def linf(original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

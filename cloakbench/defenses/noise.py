@@ -11,7 +11,7 @@ import torch
 from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.config import build, require, to_plain
 from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
-from cloakbench.defenses.budgets import Budget, BudgetKind
+from cloakbench.defenses.budgets import Budget
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +28,7 @@ class UniformNoise(Defense):
 
     def __init__(self, config: NoiseConfig, *, surrogates: Sequence[Recognizer] = (), name: str = "noise") -> None:
         # surrogates are accepted (and ignored) so every defense is built the same way by the bench
-        super().__init__(name=name, budget=Budget(kind=BudgetKind.LINF, value=config.epsilon), surrogates=())
+        super().__init__(name=name, budget=Budget(linf=config.epsilon), surrogates=())
         self.config = config
 
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:

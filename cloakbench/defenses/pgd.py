@@ -17,7 +17,8 @@ import torch
 from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.config import build, require, to_plain
 from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
-from cloakbench.defenses.budgets import Budget, BudgetKind
+from cloakbench.defenses.budgets import Budget
+from cloakbench.defenses.objectives import signed_gradient_ascent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,7 @@ class PGD(Defense):
     requirements = DefenseRequirements(differentiable_surrogates=True, min_surrogates=1)
 
     def __init__(self, config: PGDConfig, *, surrogates: Sequence[Recognizer], name: str = "pgd") -> None:
-        super().__init__(name=name, budget=Budget(kind=BudgetKind.LINF, value=config.epsilon), surrogates=surrogates)
+        super().__init__(name=name, budget=Budget(linf=config.epsilon), surrogates=surrogates)
         self.config = config
 
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
@@ -67,17 +68,11 @@ class PGD(Defense):
         cfg = self.config
         with torch.no_grad():
             clean = [s.embed(x) for s in self.surrogates]
-        adv = x.clone()
-        if cfg.random_start:
-            adv = (x + (2 * noise - 1) * cfg.epsilon).clamp(0, 1)
-        for _ in range(cfg.steps):
-            adv.requires_grad_(True)
-            loss = embedding_distance(self.surrogates, adv, clean).sum()
-            (grad,) = torch.autograd.grad(loss, adv)
-            with torch.no_grad():
-                adv = adv + cfg.step_size * grad.sign()
-                adv = (x + (adv - x).clamp(-cfg.epsilon, cfg.epsilon)).clamp(0, 1)
-        return adv.detach()
+        start = (x + (2 * noise - 1) * cfg.epsilon).clamp(0, 1) if cfg.random_start else x
+        return signed_gradient_ascent(
+            x, start, lambda adv: embedding_distance(self.surrogates, adv, clean),
+            epsilon=cfg.epsilon, step_size=cfg.step_size, steps=cfg.steps,
+        )  # fmt: skip
 
     def config_dict(self) -> dict[str, object]:
         return {**super().config_dict(), "config": to_plain(self.config)}

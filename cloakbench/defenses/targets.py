@@ -1,0 +1,114 @@
+"""Public identities a targeted cloak imitates, and Fawkes' choice of target among them.
+
+Fawkes (paper version) moves the user's photos towards a *public* identity T whose feature centroid is
+far from the user's: it ranks the public identities by centroid distance in the surrogates' feature
+space and picks one at random among the 20 farthest. A pool is any aligned ``root/<identity>/<image>``
+folder; ``"demo"`` is the celeb5 demo set (5 public figures, none of them in celeb24), ``"dataset"`` is
+the benchmark's own non-protected identities (supplied by the bench). The protected identities are
+always left out of the pool, by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cloakbench.attacks.recognizers.base import Recognizer
+from cloakbench.config import stable_hash
+from cloakbench.errors import ConfigError
+
+MAX_IMAGES_PER_TARGET = 32
+"""Target photos kept per public identity (the first ones by image id): enough to cycle over a batch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublicFaces:
+    """Aligned canonical photos of public identities, and a digest of their content for cache keys."""
+
+    source: str
+    images: Mapping[str, torch.Tensor]  # identity -> float32 [n, 3, H, W]
+    digest: str
+
+    def without(self, identities: Sequence[str]) -> PublicFaces:
+        drop = set(identities)
+        kept = {k: v for k, v in self.images.items() if k not in drop}
+        return PublicFaces(source=self.source, images=kept, digest=stable_hash((self.digest, sorted(drop))))
+
+
+def public_faces_from_folder(root: Path | str, *, source: str | None = None) -> PublicFaces:
+    """Read an aligned folder dataset as a target pool (files that cannot be read are left out, as in scans)."""
+    from cloakbench.datasets import load_images, scan_folder
+
+    manifest = scan_folder(root)
+    by_ident: dict[str, list[object]] = {}
+    for rec in sorted(manifest.records, key=lambda r: r.image_id):
+        by_ident.setdefault(rec.identity, []).append(rec)
+    images = {}
+    shas = []
+    for ident, recs in sorted(by_ident.items()):
+        chosen = recs[:MAX_IMAGES_PER_TARGET]
+        images[ident] = load_images(chosen)  # type: ignore[arg-type]
+        shas.append((ident, [r.sha256 for r in chosen]))  # type: ignore[attr-defined]
+    return PublicFaces(source=source or str(root), images=images, digest=stable_hash(shas))
+
+
+def load_target_pool(spec: str, *, dataset_pool: PublicFaces | None) -> PublicFaces:
+    """``"demo"``, ``"dataset"`` (needs the bench's pool) or a folder path."""
+    if spec == "demo":
+        from cloakbench.datasets import demo_dataset
+
+        root, _ = demo_dataset()
+        return public_faces_from_folder(root, source="demo")
+    if spec == "dataset":
+        if dataset_pool is None:
+            raise ConfigError(
+                "target_pool 'dataset' means the benchmark dataset's other identities, and there is none here; "
+                "use 'demo' or the path of an aligned root/<identity>/<image> folder"
+            )
+        return dataset_pool
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"target_pool {spec!r} is not 'demo', 'dataset' or an existing folder")
+    return public_faces_from_folder(path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetChoice:
+    identity: str
+    candidates: tuple[str, ...]  # the farthest identities it was drawn from, farthest first
+
+
+def pool_centroids(pool: PublicFaces, surrogates: Sequence[Recognizer]) -> dict[str, list[torch.Tensor]]:
+    """Each public identity's normalised feature centroid under each surrogate (compute once per pool)."""
+    with torch.no_grad():
+        return {
+            name: [torch.nn.functional.normalize(s.embed_batched(images).mean(dim=0), dim=0) for s in surrogates]
+            for name, images in pool.images.items()
+        }
+
+
+def choose_target(
+    pool: PublicFaces, user_images: torch.Tensor, surrogates: Sequence[Recognizer], *, farthest: int,
+    generator: torch.Generator, centroids: Mapping[str, list[torch.Tensor]] | None = None,
+) -> TargetChoice:  # fmt: skip
+    """Rank public identities by the distance of their centroid to the user's (summed over surrogates,
+    cosine distance of the normalised centroids) and draw one among the ``farthest``. ``centroids`` (from
+    :func:`pool_centroids`, possibly of a larger pool) saves re-embedding the pool on every call."""
+    if not pool.images:
+        raise ConfigError(f"target pool {pool.source!r} has no identity left once the protected ones are removed")
+    names = sorted(pool.images)
+    if centroids is None or any(n not in centroids for n in names):
+        centroids = pool_centroids(pool, surrogates)
+    distance = torch.zeros(len(names))
+    with torch.no_grad():
+        for k, s in enumerate(surrogates):
+            user = torch.nn.functional.normalize(s.embed_batched(user_images).mean(dim=0), dim=0)
+            for i, name in enumerate(names):
+                distance[i] += 1.0 - float(user @ centroids[name][k])
+    order = sorted(range(len(names)), key=lambda i: (-float(distance[i]), names[i]))
+    candidates = tuple(names[i] for i in order[: max(1, farthest)])
+    pick = int(torch.randint(len(candidates), (1,), generator=generator))
+    return TargetChoice(identity=candidates[pick], candidates=candidates)

@@ -49,7 +49,8 @@ from cloakbench.images import from_uint8, to_uint8
 log = logging.getLogger(__name__)
 
 GALLERY_SEARCH = "gallery-search"  # the evasion protocol's tracker: rank gallery photos by cosine similarity
-CLOAK_VERSION = 1  # bump when the cloaking pipeline changes in a way the configs do not capture
+CLOAK_VERSION = 2  # bump when the cloaking pipeline changes in a way the configs do not capture
+# 2: budgets enforced after rounding, PNG round trip, SSIM windows centred on every pixel
 
 
 @dataclass

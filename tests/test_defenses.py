@@ -142,7 +142,7 @@ def test_fawkes_target_is_far_seeded_and_attracts(
     centre = torch.nn.functional.normalize(sface.embed(pool.images[target]).mean(0), dim=0)
     before = sface.embed(faces) @ centre
     after = sface.embed(out) @ centre
-    # measured: +0.29 to +0.33 cosine towards the target's centre after 20 steps at DSSIM <= 0.003
+    # measured: +0.26 to +0.34 cosine towards the target's centre after 20 steps at DSSIM <= 0.003
     assert bool((after > before + 0.1).all()), (before, after)
 
 

@@ -109,6 +109,8 @@ def test_same_seed_same_numbers(celeb24_root: Path, tmp_path: Path) -> None:
     root = _small_dataset(celeb24_root, tmp_path)
     suite = make_suite(
         root,
+        # three uncached runs: a seeded cap of 20 photos per identity keeps them short
+        dataset={"source": "folder", "path": str(root), "max_per_identity": 20},
         protected={"count": 2},
         defenses=[{"name": "pgd", "params": {"epsilon": EPS, "steps": 3}}, {"name": "noise"}],
         countermeasures=["none"],

@@ -94,3 +94,11 @@ def save_png(image: torch.Tensor, path: Path) -> None:
         image = image[None]
     check_images(image, what=str(path))
     Image.fromarray(to_uint8(image)[0]).save(path, format="PNG")
+
+
+def save_uint8_png(array: np.ndarray, path: Path) -> None:
+    """Write uint8 [H, W, 3] as a lossless PNG, atomically (a temporary file renamed onto ``path``)."""
+    from cloakbench.cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

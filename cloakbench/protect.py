@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from cloakbench.errors import ConfigError, DatasetError
+from cloakbench.images import save_uint8_png
 
 if TYPE_CHECKING:
     from cloakbench.datasets import FaceDetector
@@ -287,13 +287,6 @@ def paste_perturbation(photo: np.ndarray, deltas: Sequence[np.ndarray], matrices
     return out
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from cloakbench.cache import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
 def protect_folder(
     folder: Path | str,
     *,
@@ -448,7 +441,7 @@ def protect_folder(
             matrices = [faces[j].matrix for j in mine]
             image = paste_perturbation(rgb, [deltas[j] for j in mine], [m for m in matrices if m is not None])
             change = int(np.abs(image.astype(np.int16) - rgb.astype(np.int16)).max())
-        _save_png(image, out)
+        save_uint8_png(image, out)
         reports = tuple(
             FaceReport(
                 box=faces[j].box,

@@ -32,6 +32,7 @@ from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
+from cloakbench.images import save_uint8_png
 from cloakbench.reports.tables import markdown_summary, protection_matrices
 
 SUMMARY_COLUMNS = [
@@ -93,15 +94,6 @@ def _file_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
 def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     """Write the run folder (see module docstring) and return the summary rows with quality attached."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,5 +122,5 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     if result.alignment is not None:
         atomic_write_text(out_dir / "alignment.json", json.dumps(result.alignment, indent=1))
     for label, grid in result.grids.items():
-        _write_png(out_dir / "grids" / f"{_file_name(label)}.png", grid)
+        save_uint8_png(grid, out_dir / "grids" / f"{_file_name(label)}.png")
     return {"summary": summary, "metadata": meta}

@@ -60,6 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from cloakbench.attacks.adaptation import ADAPTATIONS
     from cloakbench.attacks.recognizers import RECOGNIZERS
     from cloakbench.attacks.transforms import TRANSFORMS
     from cloakbench.bench.classifiers import CLASSIFIERS
@@ -67,7 +68,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from cloakbench.defenses import DEFENSES
 
     registries: dict[str, Any] = {
-        "defenses": DEFENSES, "recognizers": RECOGNIZERS, "transforms": TRANSFORMS, "classifiers": CLASSIFIERS,
+        "defenses": DEFENSES, "recognizers": RECOGNIZERS, "transforms": TRANSFORMS, "adaptations": ADAPTATIONS,
+        "classifiers": CLASSIFIERS,
     }  # fmt: skip
     kinds = [args.kind] if args.kind else [*registries, "suites"]
     payload: dict[str, Any] = {}
@@ -193,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     lst = sub.add_parser("list", help="list registered components")
-    lst.add_argument("kind", nargs="?", choices=["defenses", "recognizers", "transforms", "classifiers", "suites"])
+    lst.add_argument(
+        "kind", nargs="?", choices=["defenses", "recognizers", "transforms", "adaptations", "classifiers", "suites"]
+    )
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=_cmd_list)
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer
+from cloakbench.bench.metadata import cpu_model
 from cloakbench.datasets import ImageRecord, load_images, scan_folder
 from cloakbench.defenses import DEFENSES, Defense, quality_report
 from cloakbench.images import to_uint8
@@ -87,16 +88,6 @@ def pick_records(root: Path, count: int) -> list[ImageRecord]:
 def sync(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_revision() -> str:

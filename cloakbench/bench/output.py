@@ -10,8 +10,10 @@ Layout of ``<run>/``::
     cloaks.csv        one row per cloaked photo: L-inf, L2, PSNR, SSIM, DSSIM
     queries.csv       one row per (cell, query photo): prediction, rank, similarity, clean outcome
     summary.csv       one row per cell, with ``status`` (ok / refused / failed) and ``note``
-    summary.md        the summary as a Markdown table
+    summary.md        the summary as a Markdown table, then the oblivious-tracker table
     matrix.md         defense x recognizer protection matrices (the transfer table)
+    worst_case.csv/md per protected photo, protected only if every countermeasure of the suite failed
+    adaptations.csv   one row per retrained model: training set, epochs, images/s, clean accuracy before/after
     grids/<defense>.png  original / cloaked / 10x amplified difference of the first protected photos
 """
 
@@ -33,10 +35,11 @@ from cloakbench.bench.runner import RunResult, resolve_device
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
 from cloakbench.images import save_uint8_png
-from cloakbench.reports.tables import markdown_summary, protection_matrices
+from cloakbench.reports.tables import markdown_summary, oblivious_table, protection_matrices
+from cloakbench.reports.worst_case import markdown_worst_case, worst_case
 
 SUMMARY_COLUMNS = [
-    "seed", "protocol", "defense", "recognizer", "countermeasure", "classifier", "status", "n_identities",
+    "seed", "protocol", "defense", "recognizer", "countermeasure", "classifier", "oblivious", "status", "n_identities",
     "n_queries", "protection_rate", "ci_low", "ci_high", "protection_rate_identity_mean", "top5_accuracy",
     "top50_accuracy",
     "clean_accuracy_protected", "clean_accuracy_all", "linf_max", "linf_mean", "l2_mean", "psnr_mean",
@@ -117,8 +120,15 @@ def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / "cloaks.csv", _csv_text(result.cloaks))
     atomic_write_text(out_dir / "queries.csv", _csv_text(result.queries))
     atomic_write_text(out_dir / "summary.csv", _csv_text(summary, SUMMARY_COLUMNS))
-    atomic_write_text(out_dir / "summary.md", markdown_summary(summary))
+    oblivious = "\n## Oblivious trackers (recognizers that made no part of the cloak)\n\n" + oblivious_table(summary)
+    atomic_write_text(out_dir / "summary.md", markdown_summary(summary) + oblivious)
     atomic_write_text(out_dir / "matrix.md", protection_matrices(summary))
+    worst = worst_case(
+        result.queries, summary, resamples=suite.bootstrap.resamples, confidence=suite.bootstrap.confidence
+    )
+    atomic_write_text(out_dir / "worst_case.csv", _csv_text(worst))
+    atomic_write_text(out_dir / "worst_case.md", markdown_worst_case(worst))
+    atomic_write_text(out_dir / "adaptations.csv", _csv_text(result.adaptations))
     if result.alignment is not None:
         atomic_write_text(out_dir / "alignment.json", json.dumps(result.alignment, indent=1))
     for label, grid in result.grids.items():

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer
+from cloakbench.attacks.adaptation import ADAPTATIONS, FileCheckpoints, TrainingData
+from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer, TorchRecognizer
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.classifiers import CLASSIFIERS
@@ -39,9 +40,11 @@ from cloakbench.bench.metrics import (
     topk_correct,
 )
 from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Protocol, Suite
+from cloakbench.bench.views import Plain, Retrained, View, make_view_provider
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
 from cloakbench.defenses import DEFENSES, quality_report
+from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
 from cloakbench.images import from_uint8, to_uint8
@@ -49,6 +52,7 @@ from cloakbench.images import from_uint8, to_uint8
 log = logging.getLogger(__name__)
 
 GALLERY_SEARCH = "gallery-search"  # the evasion protocol's tracker: rank gallery photos by cosine similarity
+SOFTMAX = "softmax"  # the end-to-end tracker's own classifier (the head trained with the extractor)
 CLOAK_VERSION = 2  # bump when the cloaking pipeline changes in a way the configs do not capture
 # 2: budgets enforced after rounding, PNG round trip, SSIM windows centred on every pixel
 
@@ -66,6 +70,7 @@ class RunResult:
     alignment: dict[str, Any] | None = None  # detection/alignment outcomes when the run aligned photos
     service_usage: dict[str, dict[str, int]] = field(default_factory=dict)  # queries per service operation
     grids: dict[str, np.ndarray] = field(default_factory=dict)  # defense label -> original/cloaked/diff grid
+    adaptations: list[dict[str, Any]] = field(default_factory=list)  # one row per retrained model
 
 
 @dataclass(frozen=True)
@@ -215,25 +220,35 @@ class _Cloaks:
     key: dict[str, str]
     seconds_per_image: float | None
     error: str | None = None
+    surrogate_weights: frozenset[str] | None = None  # weights the defense optimised against (none for noise)
+
+
+def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: _Models) -> Any:
+    """The suite entry's defense, with robust (EOT) surrogates when the entry asks for them."""
+    surrogates = make_robust(
+        [models.get(s) for s in spec.surrogates], spec.robust, seed=derive_seed("robust", seed, spec.label) % 2**31
+    )
+    extra: dict[str, Any] = {}
+    if "public" in DEFENSES.get(spec.name).runtime_args:
+        extra["public"] = dataset_target_pool(data)
+    return DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **extra, **dict(spec.params))
 
 
 def cloak_all(
     suite: Suite, data: PreparedData, spec: DefenseSpec, seed: int, models: _Models, cache: ArtifactCache,
-    *, progress: bool, quality_rows: list[dict[str, Any]],
+    *, progress: bool, quality_rows: list[dict[str, Any]] | None, identities: Sequence[str] | None = None,
+    per_identity: int | None = None,
 ) -> _Cloaks:  # fmt: skip
-    surrogates = [models.get(s) for s in spec.surrogates]
-    extra: dict[str, Any] = {}
-    if "public" in DEFENSES.get(spec.name).runtime_args:
-        extra["public"] = dataset_target_pool(data)
-    defense = DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **extra, **dict(spec.params))
+    """Cloak the training photos of ``identities`` (default: the protected ones), the first ``per_identity``
+    of each (default: all), cached by content. ``quality_rows`` (None: not recorded) gets one row per photo."""
+    defense = make_defense(spec, data, seed, models)
+    identities = data.protected if identities is None else tuple(identities)
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
     seconds = 0.0
     computed = 0
-    for ident in _progress(
-        data.protected, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(data.protected)
-    ):
-        idx = data.train[ident]
+    for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
+        idx = data.train[ident][:per_identity] if per_identity else data.train[ident]
         originals = data.images[idx]
         key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), seed, ident, [data.shas[i] for i in idx])
         keys[ident] = stable_hash(key_parts, length=24)
@@ -249,6 +264,8 @@ def cloak_all(
 
         arr = cache.get_or_compute("cloaks", key_parts, compute)
         out[ident] = arr
+        if quality_rows is None:
+            continue
         q = quality_report(originals, from_uint8(arr))
         for j, i in enumerate(idx):
             quality_rows.append(
@@ -260,7 +277,10 @@ def cloak_all(
                     **{k: float(v[j]) for k, v in q.items()},
                 }
             )
-    return _Cloaks(images=out, key=keys, seconds_per_image=(seconds / computed) if computed else None)
+    used = frozenset(getattr(s, "base", s).weights_id for s in defense.surrogates)  # an EOT wrapper's base model
+    return _Cloaks(
+        images=out, key=keys, seconds_per_image=(seconds / computed) if computed else None, surrogate_weights=used
+    )
 
 
 def png_round_trip(images: np.ndarray) -> np.ndarray:
@@ -298,9 +318,14 @@ def _embed(rec: Recognizer, images: torch.Tensor, transform: InputTransform | No
     return rec.embed_batched(images).numpy()
 
 
-def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: bool = False) -> RunResult:
+def run_suite(
+    suite: Suite, *, cache: ArtifactCache | None = None, checkpoints: FileCheckpoints | None = None,
+    progress: bool = False,
+) -> RunResult:  # fmt: skip
     """Run the whole grid and return its rows (nothing is written here; see :mod:`cloakbench.bench.output`)."""
     cache = cache if cache is not None else ArtifactCache()
+    if checkpoints is None:
+        checkpoints = FileCheckpoints(cache.root.parent / "checkpoints", enabled=cache.enabled)
     device = resolve_device(suite.device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -315,6 +340,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     cloak_rows: list[dict[str, Any]] = []
     service_usage: dict[str, dict[str, int]] = {}
     grids: dict[str, np.ndarray] = {}
+    adaptation_rows: list[dict[str, Any]] = []
 
     for seed in suite.seeds:
         cloaks: dict[str, _Cloaks] = {}
@@ -331,10 +357,12 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
         if seed == suite.seeds[0]:
             grids.update(_grids(data, cloaks))
         t = time.perf_counter()
+        ctx = _Context(suite=suite, data=data, seed=seed, models=models, cache=cache, checkpoints=checkpoints,
+                       cloaks=cloaks, progress=progress)  # fmt: skip
         grid = [(r, c) for r in suite.recognizers for c in suite.countermeasures]
         for rec_name, cm in _progress(grid, enabled=progress, desc=f"evaluate seed={seed}", total=len(grid)):
             try:
-                rows_s, rows_q = _evaluate(suite, data, seed, models.get(rec_name), cm, cloaks, cache)
+                rows_s, rows_q = _evaluate(ctx, rec_name, cm)
             except Exception as exc:
                 log.error("recognizer %s with %s failed: %s", rec_name, cm.label, exc)
                 rows_s = [
@@ -345,7 +373,9 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
                 rows_q = []
             summary.extend(rows_s)
             queries.extend(rows_q)
-        grid_s = [(svc, c) for svc in suite.services for c in suite.countermeasures]
+        adaptation_rows.extend(ctx.adaptation_rows)
+        # a commercial black box is retrained by its vendor, not by the tracker: adaptations do not apply
+        grid_s = [(svc, c) for svc in suite.services for c in suite.countermeasures if c.name not in ADAPTATIONS]
         for svc, cm in _progress(grid_s, enabled=progress, desc=f"services seed={seed}", total=len(grid_s)):
             from cloakbench.bench.service_tracker import evaluate_service
 
@@ -368,7 +398,7 @@ def run_suite(suite: Suite, *, cache: ArtifactCache | None = None, progress: boo
     return RunResult(
         suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest, splits=data.splits,
         onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
-        service_usage=service_usage, grids=grids,
+        service_usage=service_usage, grids=grids, adaptations=adaptation_rows,
     )  # fmt: skip
 
 
@@ -489,70 +519,172 @@ def _trackers(suite: Suite) -> list[_Tracker]:
     return out
 
 
+class _SoftmaxTracker(_Tracker):
+    """The end-to-end tracker's own classifier: the softmax head trained with the extractor."""
+
+    def __init__(self) -> None:
+        super().__init__(Protocol.POISONING, SOFTMAX)
+
+
+def _ranks(
+    tracker: _Tracker, view: View, enrolled: np.ndarray, labels: Sequence[str], queries: np.ndarray,
+    truth: Sequence[str],
+) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    if isinstance(tracker, _SoftmaxTracker):
+        assert view.head is not None
+        scores = view.head.head_scores(queries)
+        return rank_of_true(scores, view.head.classes, truth), predicted_labels(scores, view.head.classes)
+    return tracker.ranks(enrolled, labels, queries, truth)
+
+
+def is_oblivious(spec: DefenseSpec, rec: Recognizer, models: _Models, cloaks: _Cloaks | None = None) -> bool:
+    """Whether ``rec`` played no part in making the cloak: its weights are none of the weights the defense
+    optimised against (so ``sface-onnx`` is not oblivious to a cloak made on ``sface``: same weights, another
+    runtime; every recognizer is oblivious to ``noise``, which uses no model)."""
+    if cloaks is not None and cloaks.surrogate_weights is not None:
+        return rec.weights_id not in cloaks.surrogate_weights
+    return rec.weights_id not in {models.get(s).weights_id for s in spec.surrogates}
+
+
+@dataclass
+class _Context:
+    """What evaluating one (seed, recognizer, countermeasure) needs from the run."""
+
+    suite: Suite
+    data: PreparedData
+    seed: int
+    models: _Models
+    cache: ArtifactCache
+    checkpoints: FileCheckpoints
+    cloaks: dict[str, _Cloaks]
+    progress: bool = False
+    adaptation_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _evaluate(
-    suite: Suite, data: PreparedData, seed: int, rec: Recognizer, cm: CountermeasureSpec,
-    cloaks: dict[str, _Cloaks], cache: ArtifactCache,
+    ctx: _Context, rec_name: str, cm: CountermeasureSpec
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
-    transform = TRANSFORMS.create(cm.name, **dict(cm.params))
-    on_enroll = cm.apply_to in (ApplyTo.ENROLLMENT, ApplyTo.BOTH)
-    on_query = cm.apply_to in (ApplyTo.QUERIES, ApplyTo.BOTH)
+    suite, data, seed, cache = ctx.suite, ctx.data, ctx.seed, ctx.cache
+    rec = ctx.models.get(rec_name)
+
+    def oblivious(d: DefenseSpec) -> bool:
+        return is_oblivious(d, rec, ctx.models, ctx.cloaks.get(d.label))
+
+    defenses = [d for d in suite.defenses if not suite.oblivious_only or oblivious(d)]
+    adaptive = cm.name in ADAPTATIONS
+    trackers = _trackers(suite)
+    if adaptive:
+        transform: InputTransform | None = None
+        on_enroll = on_query = False
+        if not rec.capabilities.differentiable or not isinstance(rec, TorchRecognizer):
+            note = f"{cm.name} retrains the model's weights; {rec.name} is not a white-box PyTorch recognizer"
+            return [
+                {**_cell(seed, t, d, rec.name, cm.label), "oblivious": oblivious(d),
+                 "status": "skipped", "note": note}
+                for t in trackers for d in defenses
+            ], []  # fmt: skip
+    else:
+        transform = TRANSFORMS.create(cm.name, **dict(cm.params))
+        on_enroll = cm.apply_to in (ApplyTo.ENROLLMENT, ApplyTo.BOTH)
+        on_query = cm.apply_to in (ApplyTo.QUERIES, ApplyTo.BOTH)
     t_seed = derive_seed(seed, cm.label)
-    rec_key = (rec.name, rec.describe())
-    cm_key = (transform.config_dict(), t_seed)
+    cm_key = (transform.config_dict(), t_seed) if transform is not None else None
+
+    def embed(model: Recognizer, idx: np.ndarray, *, apply: bool) -> np.ndarray:
+        key = ("clean", (model.name, model.describe()), cm_key if apply else None, [data.shas[i] for i in idx])
+        return cache.get_or_compute(
+            "embeddings", key, lambda: _embed(model, data.images[idx], transform if apply else None, t_seed)
+        )
+
+    provider: Plain | Retrained
+    if adaptive:
+
+        def cloak_public(
+            spec: DefenseSpec, identities: tuple[str, ...], per_identity: int | None
+        ) -> dict[str, np.ndarray]:
+            if set(identities) <= set(data.protected) and per_identity is None:
+                return {i: ctx.cloaks[spec.label].images[i] for i in identities}
+            return cloak_all(
+                suite, data, spec, seed, ctx.models, cache, progress=ctx.progress, quality_rows=None,
+                identities=identities, per_identity=per_identity,
+            ).images  # fmt: skip
+
+        provider = make_view_provider(
+            cm.name, dict(cm.params), rec, data, seed=derive_seed("adapt", seed) % 2**31, cloak=cloak_public,
+            checkpoints=ctx.checkpoints, embed=lambda m, idx: embed(m, idx, apply=False), progress=ctx.progress,
+        )  # fmt: skip
+        if provider.adaptation.training_data is TrainingData.ENROLLMENT:
+            trackers = [*trackers, _SoftmaxTracker()] if Protocol.POISONING in suite.protocols else trackers
+    else:
+        provider = Plain(rec)
 
     train_idx = data.all_train
     query_idx = data.all_query
-    e_train = cache.get_or_compute(
-        "embeddings",
-        ("clean", rec_key, cm_key if on_enroll else None, [data.shas[i] for i in train_idx]),
-        lambda: _embed(rec, data.images[train_idx], transform if on_enroll else None, t_seed),
-    )
-    e_query = cache.get_or_compute(
-        "embeddings",
-        ("clean", rec_key, cm_key if on_query else None, [data.shas[i] for i in query_idx]),
-        lambda: _embed(rec, data.images[query_idx], transform if on_query else None, t_seed),
-    )
     train_labels = [data.labels[i] for i in train_idx]
     query_labels = [data.labels[i] for i in query_idx]
     pos_in_train = {int(i): n for n, i in enumerate(train_idx)}
     pos_in_query = {int(i): n for n, i in enumerate(query_idx)}
+    clean_memo: dict[tuple[str, str, str], tuple[np.ndarray, float]] = {}
 
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for tracker in _trackers(suite):
-        clean_ranks, _ = tracker.ranks(e_train, train_labels, e_query, query_labels)
-        clean_all_acc = float(topk_correct(clean_ranks, 1).mean())
-        for spec in suite.defenses:
-            cl = cloaks[spec.label]
-            cell = {"seed": seed, "protocol": tracker.protocol.value, "defense": spec.label, "recognizer": rec.name,
-                    "countermeasure": cm.label, "classifier": tracker.classifier}  # fmt: skip
+    for tracker in trackers:
+        for spec in defenses:
+            cl = ctx.cloaks[spec.label]
+            cell = {**_cell(seed, tracker, spec, rec.name, cm.label), "oblivious": oblivious(spec)}
             if cl.error is not None:
                 summary.append({**cell, "status": "failed", "note": cl.error})
                 continue
-            outcomes = []
-            for ident in data.protected:
-                cloaked = cl.images[ident]
-                e_cloak = cache.get_or_compute(
-                    "embeddings",
-                    ("cloaked", rec_key, cm_key if on_enroll else None, cl.key[ident]),
-                    lambda cloaked=cloaked: _embed(  # type: ignore[misc]
-                        rec, from_uint8(cloaked), transform if on_enroll else None, t_seed
-                    ),
-                )
-                enrolled = e_train.copy()
-                rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
-                enrolled[rows_of_ident] = e_cloak
-                q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
-                q_emb = e_query[q_pos]
-                ranks, preds = tracker.ranks(enrolled, train_labels, q_emb, [ident] * len(q_pos))
-                outcomes.append(
-                    _Outcome(
-                        ident=ident, query_idx=data.query[ident], ranks=ranks, preds=preds,
-                        ranks_clean=clean_ranks[q_pos], sims=(q_emb @ e_cloak.T).max(axis=1),
-                        sims_clean=(q_emb @ e_train[rows_of_ident].T).max(axis=1),
+            try:
+                clean_view = provider.clean(spec)
+                memo_key = (clean_view.recognizer.weights_id, tracker.protocol.value, tracker.classifier)
+                if memo_key not in clean_memo:
+                    e_train = embed(clean_view.recognizer, train_idx, apply=on_enroll)
+                    e_query = embed(clean_view.recognizer, query_idx, apply=on_query)
+                    ranks_c, _ = _ranks(tracker, clean_view, e_train, train_labels, e_query, query_labels)
+                    clean_memo[memo_key] = (ranks_c, float(topk_correct(ranks_c, 1).mean()))
+                clean_ranks, clean_all_acc = clean_memo[memo_key]
+                outcomes = []
+                for ident in data.protected:
+                    view = provider.cloaked(spec, ident)
+                    model = view.recognizer
+                    e_train = embed(model, train_idx, apply=on_enroll)
+                    e_query = embed(model, query_idx, apply=on_query)
+                    e_train_clean = embed(clean_view.recognizer, train_idx, apply=on_enroll)
+                    e_query_clean = embed(clean_view.recognizer, query_idx, apply=on_query)
+                    cloaked = cl.images[ident]
+                    e_cloak = cache.get_or_compute(
+                        "embeddings",
+                        ("cloaked", (model.name, model.describe()), cm_key if on_enroll else None, cl.key[ident]),
+                        lambda cloaked=cloaked, model=model: _embed(  # type: ignore[misc]
+                            model, from_uint8(cloaked), transform if on_enroll else None, t_seed
+                        ),
                     )
-                )  # fmt: skip
+                    enrolled = e_train.copy()
+                    rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
+                    enrolled[rows_of_ident] = e_cloak
+                    q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
+                    q_emb = e_query[q_pos]
+                    ranks, preds = _ranks(tracker, view, enrolled, train_labels, q_emb, [ident] * len(q_pos))
+                    outcomes.append(
+                        _Outcome(
+                            ident=ident, query_idx=data.query[ident], ranks=ranks, preds=preds,
+                            ranks_clean=clean_ranks[q_pos], sims=(q_emb @ e_cloak.T).max(axis=1),
+                            sims_clean=(e_query_clean[q_pos] @ e_train_clean[rows_of_ident].T).max(axis=1),
+                        )
+                    )  # fmt: skip
+            except Exception as exc:  # one adaptation failing (a defense it needs, a training error) stays in its cell
+                log.error("%s / %s / %s failed: %s", rec.name, cm.label, spec.label, exc)
+                summary.append({**cell, "status": "failed", "note": _error_text(exc)})
+                continue
             row, q_rows = _cell_rows(suite, data, cell, outcomes, clean_all_acc, cl.seconds_per_image)
             summary.append(row)
             rows.extend(q_rows)
+    if isinstance(provider, Retrained):
+        ctx.adaptation_rows.extend({**r, "seed": seed, "training_seed": provider.seed} for r in provider.reports)
     return summary, rows
+
+
+def _cell(seed: int, tracker: _Tracker, spec: DefenseSpec, rec: str, cm: str) -> dict[str, Any]:
+    return {"seed": seed, "protocol": tracker.protocol.value, "defense": spec.label, "recognizer": rec,
+            "countermeasure": cm, "classifier": tracker.classifier}  # fmt: skip

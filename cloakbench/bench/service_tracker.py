@@ -182,7 +182,8 @@ def evaluate_service(
             cl = cloaks[d.label]
             cells = {
                 p: {"seed": seed, "protocol": p.value, "defense": d.label, "recognizer": spec.label,
-                    "countermeasure": cm.label, "classifier": SERVICE_TRACKERS[p]}
+                    "countermeasure": cm.label, "classifier": SERVICE_TRACKERS[p],
+                    "oblivious": cl.surrogate_weights is not None and backend.weights_id not in cl.surrogate_weights}
                 for p in protocols
             }  # fmt: skip
             if cl.error is not None:

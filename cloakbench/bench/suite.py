@@ -12,18 +12,22 @@ Schema (all keys optional unless marked)::
               max_per_identity: null}
     protected: {identities: all | [names], count: N}   # one protected identity at a time
     defenses:                        # required, >= 1
-      - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10}}
+      - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10},
+         robust: {transforms: [none, {name: jpeg, params: {quality: 75}}]}}   # optional: EOT through twins
     recognizers: [sface, sface-onnx] # required, >= 1
     services:                        # commercial-style black boxes (default: none)
       - {kind: rekognition | azure, backend: sface, transport: http | in-process, max_faces: 50,
          match_threshold: 0, rate_limit_per_s: null}
-    countermeasures:                 # default: [{name: none}]
+    countermeasures:                 # default: [{name: none}]; input transforms and model adaptations
       - {name: jpeg, label: jpeg-75, params: {quality: 75}, apply_to: enrollment | queries | both}
+      - {name: adaptive, params: {epochs: 5}}   # end-to-end | adaptive | adversarial (+ -full for GPUs)
     classifiers: [nearest-neighbour, linear]   # the poisoning protocol's classifiers
     protocols: [poisoning, evasion]  # evasion: gallery search by cosine, rank-1/5/50
     seeds: [0]
     device: auto | cpu | cuda
     clean_accuracy_floor: 0.5        # no protection rate is reported below this clean accuracy
+    oblivious_only: false            # true: evaluate each defense only with recognizers that were not its
+                                     # surrogates (different weights); every row says whether it was oblivious
     bootstrap: {resamples: 1000, confidence: 0.95}
 """
 
@@ -39,6 +43,7 @@ from typing import Any, Literal
 import yaml
 
 from cloakbench.config import build, require, to_plain
+from cloakbench.defenses.robust import RobustConfig, parse_robust
 from cloakbench.errors import ConfigError, RegistryError
 
 
@@ -97,6 +102,7 @@ class DefenseSpec:
     label: str = ""
     surrogates: tuple[str, ...] = ("sface",)
     params: Mapping[str, Any] = field(default_factory=dict)
+    robust: RobustConfig | None = None  # optimise through random differentiable transforms (EOT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +171,7 @@ class Suite:
     seeds: tuple[int, ...] = (0,)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     clean_accuracy_floor: float = 0.5
+    oblivious_only: bool = False
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
     def __post_init__(self) -> None:
@@ -200,6 +207,12 @@ def _list_of_mappings(value: Any, where: str, *, shorthand: bool, allow_empty: b
             item = {"name": item}
         items.append(_require_mapping(item, f"{where}[{i}]"))
     return items
+
+
+def _with_robust(item: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    if item.get("robust") is None:
+        return item
+    return {**item, "robust": parse_robust(_require_mapping(item["robust"], where), where=where)}
 
 
 def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ...]:
@@ -238,6 +251,7 @@ def parse_suite(data: Any, *, where: str) -> Suite:
         )
     if "defenses" in top:
         items = _list_of_mappings(top["defenses"], f"{where}: defenses", shorthand=True)
+        items = [_with_robust(it, f"{where}: defenses[{i}].robust") for i, it in enumerate(items)]
         specs = tuple(build(DefenseSpec, it, where=f"{where}: defenses[{i}]") for i, it in enumerate(items))
         fields["defenses"] = _labelled(specs, where, "defenses")
     if "countermeasures" in top:
@@ -262,6 +276,7 @@ def parse_suite(data: Any, *, where: str) -> Suite:
 
 
 def _check_names(suite: Suite, where: str) -> None:
+    from cloakbench.attacks.adaptation import ADAPTATIONS
     from cloakbench.attacks.recognizers import RECOGNIZERS
     from cloakbench.attacks.transforms import TRANSFORMS
     from cloakbench.bench.classifiers import CLASSIFIERS
@@ -281,7 +296,22 @@ def _check_names(suite: Suite, where: str) -> None:
     for i, r in enumerate(suite.recognizers):
         check(RECOGNIZERS, r, f"recognizers[{i}]")
     for i, c in enumerate(suite.countermeasures):
-        check(TRANSFORMS, c.name, f"countermeasures[{i}].name")
+        if c.name in ADAPTATIONS:
+            ADAPTATIONS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
+            if c.apply_to is not ApplyTo.ENROLLMENT:
+                raise ConfigError(
+                    f"{where}: countermeasures[{i}].apply_to: {c.name!r} is a model adaptation, not an input "
+                    "transform; 'apply_to' does not apply to it (leave it out)"
+                )
+            continue
+        try:
+            TRANSFORMS.get(c.name)
+        except RegistryError as exc:
+            known = ", ".join(TRANSFORMS.list() + ADAPTATIONS.list())
+            raise ConfigError(
+                f"{where}: countermeasures[{i}].name: unknown countermeasure {c.name!r} "
+                f"(input transforms and adaptations: {known})"
+            ) from exc
         TRANSFORMS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
     for i, k in enumerate(suite.classifiers):
         check(CLASSIFIERS, k, f"classifiers[{i}]")

@@ -81,3 +81,31 @@ def protection_matrices(rows: Sequence[Mapping[str, Any]]) -> str:
             out.append(f"| {_md_escape(d)} | " + " | ".join(values) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def oblivious_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per (protocol, defense, countermeasure, classifier, seed): protection against the recognizers the cloak
+    was made on (white box / same weights) next to the oblivious ones (no part in making it), each the
+    lowest rate over its recognizers with the recognizer named — the oblivious tracker as its own column."""
+    groups: dict[tuple[str, ...], dict[bool, list[Mapping[str, Any]]]] = {}
+    for r in rows:
+        if r.get("status") != "ok" or r.get("oblivious") in (None, ""):
+            continue
+        key = tuple(str(r.get(k, "")) for k in ("protocol", "defense", "countermeasure", "classifier", "seed"))
+        oblivious = r.get("oblivious") in (True, "True", "true", 1)
+        groups.setdefault(key, {True: [], False: []})[oblivious].append(r)
+
+    def lowest(cells: list[Mapping[str, Any]]) -> str:
+        if not cells:
+            return "–"
+        worst = min(cells, key=lambda c: float(c.get("protection_rate", float("nan"))))
+        return f"{_fmt(worst.get('protection_rate'))} ({_md_escape(str(worst.get('recognizer', '')))})"
+
+    header = ["protocol", "defense", "countermeasure", "classifier", "seed", "surrogate recognizers (lowest)",
+              "oblivious recognizers (lowest)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, split in groups.items():
+        lines.append(
+            "| " + " | ".join([*(_md_escape(k) for k in key), lowest(split[False]), lowest(split[True])]) + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,11 +1,9 @@
-"""Model adaptation countermeasures (the tracker retrains its recognizer).
-
-Only the contract lives here for now; end-to-end fine-tuning, robust retraining on cloaked photos of
-other identities and PGD adversarial training come with the countermeasures work (issue 5).
-"""
+"""Model-adaptation countermeasures: the tracker retrains its recognizer (PyTorch Lightning)."""
 
 from __future__ import annotations
 
-from cloakbench.attacks.adaptation.base import Adaptation
+from cloakbench.attacks.adaptation.base import Adaptation, Adapted, TrainingData, TrainingSet, TrainReport
+from cloakbench.attacks.adaptation.checkpoints import FileCheckpoints
+from cloakbench.attacks.adaptation.registry import ADAPTATIONS
 
-__all__ = ["Adaptation"]
+__all__ = ["ADAPTATIONS", "Adaptation", "Adapted", "FileCheckpoints", "TrainReport", "TrainingData", "TrainingSet"]

@@ -3,18 +3,22 @@
 :meth:`InputTransform.apply` checks the canonical batch, calls the implementation and checks its output.
 Each transform has a ``strength`` in its own units (JPEG quality, blur sigma, ...) and a normalised
 ``intensity`` (0 = identity, 100 = strongest) so plots can put different transforms on one axis.
-Reported numbers always come from the real codec or filter.
+Reported numbers always come from the real codec or filter; :meth:`InputTransform.twin` gives the
+differentiable stand-in (:mod:`cloakbench.attacks.transforms.twins`) that optimisation loops may use instead.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import final
 
+import numpy as np
 import torch
 
+from cloakbench.attacks.transforms.twins import DifferentiableTwin
 from cloakbench.errors import ImageContractError
-from cloakbench.images import check_images
+from cloakbench.images import check_images, from_uint8, to_uint8
 
 
 class InputTransform(abc.ABC):
@@ -30,6 +34,13 @@ class InputTransform(abc.ABC):
 
     def config_dict(self) -> dict[str, object]:
         return {"name": self.name}
+
+    def twin(self) -> DifferentiableTwin | None:
+        """A differentiable stand-in with the same parameters, for optimisation loops only; None if there is none.
+
+        Never use it for a reported number: :meth:`apply` (the real codec or filter) is what a tracker runs.
+        """
+        return None
 
     @final
     def apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
@@ -53,3 +64,15 @@ class Identity(InputTransform):
 
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         return images.clone()
+
+
+def map_uint8(images: torch.Tensor, fn: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+    """Apply ``fn`` (uint8 RGB [H, W, 3] -> same) to each image of a canonical batch, as a tracker would.
+
+    Real codecs and filters act on 8-bit images: the batch is rounded to uint8 (:func:`to_uint8`), each image
+    is passed to ``fn`` as a C-contiguous array (OpenCV wants one), and the results come back as a canonical
+    batch on the input's device.
+    """
+    arrays = to_uint8(images)
+    out = np.stack([fn(np.ascontiguousarray(a)) for a in arrays])
+    return from_uint8(out).to(images.device)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cloakbench.attacks.transforms.base import InputTransform
+from cloakbench.attacks.transforms.twins import JPEGTwin
 from cloakbench.config import build, require, to_plain
 from cloakbench.images import from_uint8, to_uint8
 
@@ -53,6 +54,10 @@ class JPEG(InputTransform):
 
     def config_dict(self) -> dict[str, object]:
         return {"name": self.name, "config": to_plain(self.config)}
+
+    def twin(self) -> JPEGTwin:
+        """The differentiable JPEG approximation with this quality and subsampling (optimisation loops only)."""
+        return JPEGTwin(quality=self.config.quality, subsampling=self.config.subsampling)
 
 
 def make_jpeg(*, name: str = "jpeg", **config: Any) -> JPEG:

@@ -1,0 +1,181 @@
+"""Which model a tracker uses in each cell: the recognizer as it is, or a retrained copy (DESIGN §4 step 3).
+
+An input-transform countermeasure leaves the model alone. A model-adaptation countermeasure retrains it,
+and *what* it retrains on decides how many models a cell needs:
+
+- ``end-to-end`` trains on the tracker's enrollment set, which holds the protected user's cloaked photos,
+  so there is one model per (defense, protected identity), plus one trained on the clean enrollment set
+  for the clean accuracy;
+- ``adaptive`` trains on public identities' photos, clean and cloaked by the cell's defense: one model per
+  defense, which serves the clean accuracy too (the tracker adapted before any user cloaked anything);
+- ``adversarial`` trains on clean public photos with PGD: one model for the whole recognizer.
+
+The public identities are the dataset's identities that are not protected (when at least two are left),
+else everyone but the protected user; only their enrollment photos are used (``public_per_identity`` of
+them each), never a query photo. Models are trained lazily, once, and their checkpoints are cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloakbench.attacks.adaptation import ADAPTATIONS, Adaptation, Adapted, FileCheckpoints, TrainingData, TrainingSet
+from cloakbench.attacks.recognizers import Recognizer
+from cloakbench.bench.metrics import topk_correct
+from cloakbench.images import from_uint8
+
+CloakFn = Callable[[Any, tuple[str, ...], int | None], dict[str, np.ndarray]]
+"""(defense spec, identities, photos per identity or None) -> identity -> uint8 cloaks of its first photos."""
+
+
+@dataclass
+class View:
+    """The model one tracker embeds with, and the softmax head it was trained with (end-to-end only)."""
+
+    recognizer: Recognizer
+    head: Adapted | None = None
+
+
+class Plain:
+    """Input transforms: the recognizer as it is, for every cell."""
+
+    adaptation: Adaptation | None = None
+
+    def __init__(self, recognizer: Recognizer) -> None:
+        self.view = View(recognizer)
+
+    def clean(self, spec: Any) -> View:
+        return self.view
+
+    def cloaked(self, spec: Any, ident: str) -> View:
+        return self.view
+
+
+@dataclass
+class _Trained:
+    view: View
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class Retrained:
+    """A model-adaptation countermeasure: retrained copies of ``recognizer``, built on first use."""
+
+    def __init__(
+        self, recognizer: Recognizer, adaptation: Adaptation, data: Any, *, seed: int, cloak: CloakFn,
+        checkpoints: FileCheckpoints, embed: Callable[[Recognizer, np.ndarray], np.ndarray], progress: bool = False,
+    ) -> None:  # fmt: skip
+        self.recognizer = recognizer
+        self.adaptation = adaptation
+        self.data = data  # runner.PreparedData
+        self.seed = seed
+        self.cloak = cloak
+        self.checkpoints = checkpoints
+        self.embed = embed  # (recognizer, dataset indices) -> embeddings (cached)
+        self.progress = progress
+        self.per_identity: int | None = getattr(getattr(adaptation, "config", None), "public_per_identity", None)
+        self._models: dict[Any, _Trained] = {}
+        self.reports: list[dict[str, Any]] = []
+
+    # -- which model a cell uses ---------------------------------------------------------------------------
+    def clean(self, spec: Any) -> View:
+        kind = self.adaptation.training_data
+        if kind is TrainingData.ENROLLMENT:
+            return self._model(("enrollment", None, None), spec=None, ident=None)
+        if kind is TrainingData.PUBLIC_CLOAKED:
+            return self._model(("public-cloaked", spec.label, self._public(None)), spec=spec, ident=None)
+        return self._model(("public-clean", None, self._public(None)), spec=None, ident=None)
+
+    def cloaked(self, spec: Any, ident: str) -> View:
+        kind = self.adaptation.training_data
+        if kind is TrainingData.ENROLLMENT:
+            return self._model(("enrollment", spec.label, ident), spec=spec, ident=ident)
+        if kind is TrainingData.PUBLIC_CLOAKED:
+            return self._model(("public-cloaked", spec.label, self._public(ident)), spec=spec, ident=ident)
+        return self._model(("public-clean", None, self._public(ident)), spec=None, ident=ident)
+
+    # -- training sets ---------------------------------------------------------------------------------------
+    def _public(self, ident: str | None) -> tuple[str, ...]:
+        """Identities whose photos the tracker may retrain on without touching the protected user's."""
+        data = self.data
+        others = tuple(i for i in sorted(data.train) if i not in data.protected and len(data.train[i]))
+        if len(others) >= 2:
+            return others
+        if ident is None:  # clean accuracy when every identity is protected: the first protected user's model
+            ident = data.protected[0]
+        return tuple(i for i in sorted(data.train) if i != ident and len(data.train[i]))
+
+    def _public_indices(self, identities: tuple[str, ...]) -> dict[str, np.ndarray]:
+        limit = self.per_identity
+        return {i: self.data.train[i][:limit] if limit else self.data.train[i] for i in identities}
+
+    def _training_set(self, key: Any, spec: Any, ident: str | None) -> tuple[TrainingSet, str]:
+        data = self.data
+        kind, _, what = key
+        if kind == "enrollment":
+            idx = data.all_train
+            images = data.images[idx].clone()
+            if ident is not None:
+                user_cloaks = self.cloak(spec, (ident,), None)[ident]
+                pos = {int(i): n for n, i in enumerate(idx)}
+                images[[pos[int(i)] for i in data.train[ident]]] = from_uint8(user_cloaks)
+            labels = tuple(data.labels[i] for i in idx)
+            # the tracker has only what it scraped: no clean originals of the user's cloaked photos
+            return TrainingSet(images=images, labels=labels), "enrollment" + (f" ({ident} cloaked)" if ident else "")
+        chosen = self._public_indices(what)
+        flat = np.concatenate([chosen[i] for i in what])
+        clean = data.images[flat]
+        labels = tuple(data.labels[i] for i in flat)
+        if kind == "public-clean":
+            return TrainingSet(images=clean, labels=labels), f"{len(what)} public identities, clean"
+        made = self.cloak(spec, what, self.per_identity)
+        cloaked = torch.cat([from_uint8(made[i]) for i in what])
+        return (
+            TrainingSet(
+                images=torch.cat([clean, cloaked]), labels=labels + labels, references=torch.cat([clean, clean])
+            ),
+            f"{len(what)} public identities, clean + cloaked by {spec.label}",
+        )
+
+    def _model(self, key: Any, *, spec: Any, ident: str | None) -> View:
+        if key in self._models:
+            return self._models[key].view
+        training, description = self._training_set(key, spec, ident)
+        adapted = self.adaptation.adapt(
+            self.recognizer, training, seed=self.seed, checkpoints=self.checkpoints, progress=self.progress
+        )
+        view = View(adapted.recognizer, head=adapted)
+        row = {
+            "seed": self.seed, "recognizer": self.recognizer.name, "countermeasure": self.adaptation.name,
+            "defense": key[1] or "", "protected_identity": (ident or "") if key[0] == "enrollment" else "",
+            "training_set": description, **adapted.report.to_row(),
+            "clean_accuracy_before": self._clean_nn_accuracy(self.recognizer),
+            "clean_accuracy_after": self._clean_nn_accuracy(adapted.recognizer),
+        }  # fmt: skip
+        self._models[key] = _Trained(view, row)
+        self.reports.append(row)
+        return view
+
+    def _clean_nn_accuracy(self, recognizer: Recognizer) -> float:
+        """Nearest-neighbour top-1 over every identity's clean queries against the clean enrollment set."""
+        data = self.data
+        e_train = self.embed(recognizer, data.all_train)
+        e_query = self.embed(recognizer, data.all_query)
+        train_labels = np.array([data.labels[i] for i in data.all_train])
+        query_labels = np.array([data.labels[i] for i in data.all_query])
+        predicted = train_labels[(e_query @ e_train.T).argmax(axis=1)]
+        return float(topk_correct(np.where(predicted == query_labels, 1, 2), 1).mean())
+
+
+def make_view_provider(
+    name: str, params: dict[str, Any], recognizer: Recognizer, data: Any, *, seed: int, cloak: CloakFn,
+    checkpoints: FileCheckpoints, embed: Callable[[Recognizer, np.ndarray], np.ndarray], progress: bool = False,
+) -> Retrained:  # fmt: skip
+    adaptation = ADAPTATIONS.create(name, **params)
+    return Retrained(
+        recognizer, adaptation, data, seed=seed, cloak=cloak, checkpoints=checkpoints, embed=embed, progress=progress
+    )

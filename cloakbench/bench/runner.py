@@ -590,11 +590,16 @@ def _evaluate(
     t_seed = derive_seed(seed, cm.label)
     cm_key = (transform.config_dict(), t_seed) if transform is not None else None
 
+    loaded: dict[tuple[str, str, bool, bytes], np.ndarray] = {}  # each (model, photos) read once per call
+
     def embed(model: Recognizer, idx: np.ndarray, *, apply: bool) -> np.ndarray:
-        key = ("clean", (model.name, model.describe()), cm_key if apply else None, [data.shas[i] for i in idx])
-        return cache.get_or_compute(
-            "embeddings", key, lambda: _embed(model, data.images[idx], transform if apply else None, t_seed)
-        )
+        here = (model.name, model.weights_id, apply, idx.tobytes())
+        if here not in loaded:
+            key = ("clean", (model.name, model.describe()), cm_key if apply else None, [data.shas[i] for i in idx])
+            loaded[here] = cache.get_or_compute(
+                "embeddings", key, lambda: _embed(model, data.images[idx], transform if apply else None, t_seed)
+            )
+        return loaded[here]
 
     provider: Plain | Retrained
     if adaptive:
@@ -638,10 +643,10 @@ def _evaluate(
             try:
                 clean_view = provider.clean(spec)
                 memo_key = (clean_view.recognizer.weights_id, tracker.protocol.value, tracker.classifier)
+                e_train_clean = embed(clean_view.recognizer, train_idx, apply=on_enroll)
+                e_query_clean = embed(clean_view.recognizer, query_idx, apply=on_query)
                 if memo_key not in clean_memo:
-                    e_train = embed(clean_view.recognizer, train_idx, apply=on_enroll)
-                    e_query = embed(clean_view.recognizer, query_idx, apply=on_query)
-                    ranks_c, _ = _ranks(tracker, clean_view, e_train, train_labels, e_query, query_labels)
+                    ranks_c, _ = _ranks(tracker, clean_view, e_train_clean, train_labels, e_query_clean, query_labels)
                     clean_memo[memo_key] = (ranks_c, float(topk_correct(ranks_c, 1).mean()))
                 clean_ranks, clean_all_acc = clean_memo[memo_key]
                 outcomes = []
@@ -650,8 +655,6 @@ def _evaluate(
                     model = view.recognizer
                     e_train = embed(model, train_idx, apply=on_enroll)
                     e_query = embed(model, query_idx, apply=on_query)
-                    e_train_clean = embed(clean_view.recognizer, train_idx, apply=on_enroll)
-                    e_query_clean = embed(clean_view.recognizer, query_idx, apply=on_query)
                     cloaked = cl.images[ident]
                     e_cloak = cache.get_or_compute(
                         "embeddings",

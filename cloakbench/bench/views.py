@@ -18,7 +18,7 @@ them each), never a query photo. Models are trained lazily, once, and their chec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,6 @@ class View:
 class Plain:
     """Input transforms: the recognizer as it is, for every cell."""
 
-    adaptation: Adaptation | None = None
-
     def __init__(self, recognizer: Recognizer) -> None:
         self.view = View(recognizer)
 
@@ -54,12 +52,6 @@ class Plain:
 
     def cloaked(self, spec: Any, ident: str) -> View:
         return self.view
-
-
-@dataclass
-class _Trained:
-    view: View
-    row: dict[str, Any] = field(default_factory=dict)
 
 
 class Retrained:
@@ -78,7 +70,7 @@ class Retrained:
         self.embed = embed  # (recognizer, dataset indices) -> embeddings (cached)
         self.progress = progress
         self.per_identity: int | None = getattr(getattr(adaptation, "config", None), "public_per_identity", None)
-        self._models: dict[Any, _Trained] = {}
+        self._models: dict[Any, View] = {}
         self.reports: list[dict[str, Any]] = []
 
     # -- which model a cell uses ---------------------------------------------------------------------------
@@ -143,7 +135,7 @@ class Retrained:
 
     def _model(self, key: Any, *, spec: Any, ident: str | None) -> View:
         if key in self._models:
-            return self._models[key].view
+            return self._models[key]
         training, description = self._training_set(key, spec, ident)
         adapted = self.adaptation.adapt(
             self.recognizer, training, seed=self.seed, checkpoints=self.checkpoints, progress=self.progress
@@ -156,7 +148,7 @@ class Retrained:
             "clean_accuracy_before": self._clean_nn_accuracy(self.recognizer),
             "clean_accuracy_after": self._clean_nn_accuracy(adapted.recognizer),
         }  # fmt: skip
-        self._models[key] = _Trained(view, row)
+        self._models[key] = view
         self.reports.append(row)
         return view
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import final
+from typing import Any, Generic, TypeVar, final
 
 import numpy as np
 import torch
 
 from cloakbench.attacks.transforms.twins import DifferentiableTwin
+from cloakbench.config import build, to_plain
 from cloakbench.errors import ImageContractError
 from cloakbench.images import check_images, from_uint8, to_uint8
 
@@ -64,6 +65,33 @@ class Identity(InputTransform):
 
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         return images.clone()
+
+
+C = TypeVar("C")
+T = TypeVar("T", bound="ConfiguredTransform[Any]")
+
+
+class ConfiguredTransform(InputTransform, Generic[C]):
+    """A transform whose parameters are one frozen config dataclass (:attr:`config_type`).
+
+    Subclasses set ``config_type`` and ``default_name``; :meth:`make` is their registry factory: it validates
+    the parameters into the config (errors name the transform) and :meth:`config_dict` carries them.
+    """
+
+    config_type: type[C]
+    default_name: str
+
+    def __init__(self, config: C, *, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or self.default_name
+
+    def config_dict(self) -> dict[str, object]:
+        return {"name": self.name, "config": to_plain(self.config)}
+
+    @classmethod
+    def make(cls: type[T], *, name: str | None = None, **config: Any) -> T:
+        name = name or cls.default_name
+        return cls(build(cls.config_type, config, where=f"transform {name!r}"), name=name)
 
 
 def map_uint8(images: torch.Tensor, fn: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from cloakbench.attacks.transforms.base import InputTransform, map_uint8
+from cloakbench.attacks.transforms.base import ConfiguredTransform, map_uint8
 from cloakbench.attacks.transforms.twins import GaussianBlurTwin, gaussian_kernel_size
-from cloakbench.config import build, require, to_plain
+from cloakbench.config import require
 
 BLUR_SIGMA_AT_100 = 3.0
 MEDIAN_SIZE_AT_100 = 9
@@ -50,12 +49,11 @@ class BlurConfig:
         return gaussian_kernel_size(self.sigma) if self.kernel is None else self.kernel
 
 
-class GaussianBlur(InputTransform):
+class GaussianBlur(ConfiguredTransform[BlurConfig]):
     """``cv2.GaussianBlur`` with the same sigma on both axes and BORDER_REFLECT_101 (OpenCV's default)."""
 
-    def __init__(self, config: BlurConfig, *, name: str = "blur") -> None:
-        self.config = config
-        self.name = name
+    config_type = BlurConfig
+    default_name = "blur"
 
     @property
     def intensity(self) -> float:
@@ -69,16 +67,9 @@ class GaussianBlur(InputTransform):
 
         return map_uint8(images, blur)
 
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
-
     def twin(self) -> GaussianBlurTwin:
         """Separable Gaussian convolution with the same kernel and border (optimisation loops only)."""
         return GaussianBlurTwin(sigma=self.config.sigma, kernel=self.config.kernel_size)
-
-
-def make_blur(*, name: str = "blur", **config: Any) -> GaussianBlur:
-    return GaussianBlur(build(BlurConfig, config, where=f"transform {name!r}"), name=name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,16 +81,15 @@ class MedianConfig:
         require(self.size >= 3 and self.size % 2 == 1, f"size must be an odd integer >= 3, got {self.size}")
 
 
-class MedianFilter(InputTransform):
+class MedianFilter(ConfiguredTransform[MedianConfig]):
     """``cv2.medianBlur``: each pixel and channel replaced by the median of its size x size window.
 
     No twin: a median passes the gradient to one pixel of the window, chosen by a sort, which is not a
     smooth stand-in worth optimising through.
     """
 
-    def __init__(self, config: MedianConfig, *, name: str = "median") -> None:
-        self.config = config
-        self.name = name
+    config_type = MedianConfig
+    default_name = "median"
 
     @property
     def intensity(self) -> float:
@@ -108,10 +98,3 @@ class MedianFilter(InputTransform):
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         size = self.config.size
         return map_uint8(images, lambda a: cv2.medianBlur(a, size))
-
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
-
-
-def make_median(*, name: str = "median", **config: Any) -> MedianFilter:
-    return MedianFilter(build(MedianConfig, config, where=f"transform {name!r}"), name=name)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cloakbench.attacks.transforms.base import InputTransform
+from cloakbench.attacks.transforms.base import ConfiguredTransform, map_uint8
 from cloakbench.attacks.transforms.twins import JPEGTwin
-from cloakbench.config import build, require, to_plain
-from cloakbench.images import from_uint8, to_uint8
+from cloakbench.config import require
 
 _SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
 
@@ -36,29 +35,18 @@ def jpeg_roundtrip(image: np.ndarray, *, quality: int, subsampling: str) -> np.n
         return np.asarray(decoded.convert("RGB"), dtype=np.uint8)
 
 
-class JPEG(InputTransform):
-    def __init__(self, config: JPEGConfig, *, name: str = "jpeg") -> None:
-        self.config = config
-        self.name = name
+class JPEG(ConfiguredTransform[JPEGConfig]):
+    config_type = JPEGConfig
+    default_name = "jpeg"
 
     @property
     def intensity(self) -> float:
         return (100 - self.config.quality) / 99 * 100
 
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
-        arrays = to_uint8(images)
-        out = np.stack(
-            [jpeg_roundtrip(a, quality=self.config.quality, subsampling=self.config.subsampling) for a in arrays]
-        )
-        return from_uint8(out).to(images.device)
-
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
+        quality, subsampling = self.config.quality, self.config.subsampling
+        return map_uint8(images, lambda a: jpeg_roundtrip(a, quality=quality, subsampling=subsampling))
 
     def twin(self) -> JPEGTwin:
         """The differentiable JPEG approximation with this quality and subsampling (optimisation loops only)."""
         return JPEGTwin(quality=self.config.quality, subsampling=self.config.subsampling)
-
-
-def make_jpeg(*, name: str = "jpeg", **config: Any) -> JPEG:
-    return JPEG(build(JPEGConfig, config, where=f"transform {name!r}"), name=name)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from cloakbench.attacks.transforms.base import InputTransform, map_uint8
-from cloakbench.config import build, require, to_plain
+from cloakbench.attacks.transforms.base import ConfiguredTransform, map_uint8
+from cloakbench.config import require
 from cloakbench.images import from_uint8, quantize, to_uint8
 
 NOISE_SIGMA_AT_100 = 0.1
@@ -49,12 +48,11 @@ def reduce_bit_depth(array: np.ndarray, bits: int) -> np.ndarray:
     return centred
 
 
-class BitDepth(InputTransform):
+class BitDepth(ConfiguredTransform[BitDepthConfig]):
     """Bit-depth reduction to ``bits`` per channel with rounding to the centre of each kept level."""
 
-    def __init__(self, config: BitDepthConfig, *, name: str = "bit-depth") -> None:
-        self.config = config
-        self.name = name
+    config_type = BitDepthConfig
+    default_name = "bit-depth"
 
     @property
     def intensity(self) -> float:
@@ -63,13 +61,6 @@ class BitDepth(InputTransform):
     def _apply(self, images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         bits = self.config.bits
         return map_uint8(images, lambda a: reduce_bit_depth(a, bits))
-
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
-
-
-def make_bit_depth(*, name: str = "bit-depth", **config: Any) -> BitDepth:
-    return BitDepth(build(BitDepthConfig, config, where=f"transform {name!r}"), name=name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,12 +72,11 @@ class GaussianNoiseConfig:
         require(math.isfinite(self.sigma) and self.sigma >= 0, f"sigma must be a number >= 0, got {self.sigma}")
 
 
-class GaussianNoise(InputTransform):
+class GaussianNoise(ConfiguredTransform[GaussianNoiseConfig]):
     """Additive i.i.d. Gaussian noise on the 8-bit image, then clamped and rounded to 8 bits."""
 
-    def __init__(self, config: GaussianNoiseConfig, *, name: str = "gaussian-noise") -> None:
-        self.config = config
-        self.name = name
+    config_type = GaussianNoiseConfig
+    default_name = "gaussian-noise"
 
     @property
     def intensity(self) -> float:
@@ -96,10 +86,3 @@ class GaussianNoise(InputTransform):
         x = from_uint8(to_uint8(images))
         noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
         return quantize(x + self.config.sigma * noise.cpu()).to(images.device)
-
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
-
-
-def make_gaussian_noise(*, name: str = "gaussian-noise", **config: Any) -> GaussianNoise:
-    return GaussianNoise(build(GaussianNoiseConfig, config, where=f"transform {name!r}"), name=name)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from cloakbench.attacks.transforms.base import InputTransform, map_uint8
+from cloakbench.attacks.transforms.base import ConfiguredTransform, map_uint8
 from cloakbench.attacks.transforms.twins import ResizeTwin, downscaled_size
-from cloakbench.config import build, require, to_plain
+from cloakbench.config import require
 
 RESIZE_FACTOR_AT_100 = 0.25
 
@@ -36,16 +35,15 @@ class ResizeConfig:
         require(math.isfinite(self.factor) and 0 < self.factor <= 1, f"factor must be in (0, 1], got {self.factor}")
 
 
-class Resize(InputTransform):
+class Resize(ConfiguredTransform[ResizeConfig]):
     """Down to round(H * factor) x round(W * factor) (at least 1 px) with INTER_AREA, back up with INTER_LINEAR.
 
     INTER_AREA averages the pixels each small pixel covers (the right filter for shrinking: no aliasing);
     INTER_LINEAR is bilinear interpolation with half-pixel centres, what most pipelines use to enlarge.
     """
 
-    def __init__(self, config: ResizeConfig, *, name: str = "resize") -> None:
-        self.config = config
-        self.name = name
+    config_type = ResizeConfig
+    default_name = "resize"
 
     @property
     def intensity(self) -> float:
@@ -61,13 +59,6 @@ class Resize(InputTransform):
 
         return map_uint8(images, down_up)
 
-    def config_dict(self) -> dict[str, object]:
-        return {"name": self.name, "config": to_plain(self.config)}
-
     def twin(self) -> ResizeTwin:
         """Area pooling down, bilinear up, to the same sizes (optimisation loops only)."""
         return ResizeTwin(factor=self.config.factor)
-
-
-def make_resize(*, name: str = "resize", **config: Any) -> Resize:
-    return Resize(build(ResizeConfig, config, where=f"transform {name!r}"), name=name)

@@ -45,6 +45,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def touch(path: Path) -> None:
+    """Set ``path``'s modification time to now: a cache hit is a use (see :mod:`cloakbench.cache_admin`).
+
+    Best effort: a read-only cache still serves its entries.
+    """
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 def atomic_write_bytes(final: Path, data: bytes) -> None:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)
@@ -52,3 +61,31 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
 
 def atomic_write_text(final: Path, text: str) -> None:
     atomic_write_bytes(final, text.encode("utf-8"))
+
+
+MODEL_DIRS = ("downloads", "files", "converted", "datasets", "manifests")  # fetched or derived from fetched files
+
+
+def overlay_cache(root: Path, *, source: Path | None = None, replace: dict[str, bytes] | None = None) -> Path:
+    """Make ``root`` a cache root whose model files and datasets are ``source``'s (symlinked: nothing is fetched
+    again) and whose artifacts and checkpoints start empty, so a run there computes every cloak, embedding and
+    retrained model itself (cold-artifact timings, resume and executor comparisons).
+
+    ``replace``: file names under ``converted/`` whose content differs in this cache only (a corrupt model file
+    for fault-injection checks); the source's files are never written."""
+    source = source if source is not None else cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_DIRS:
+        if not (source / name).exists():
+            continue
+        if name == "converted" and replace:
+            (root / name).mkdir(exist_ok=True)
+            for f in (source / name).iterdir():
+                target = root / name / f.name
+                if f.name in replace:
+                    target.write_bytes(replace[f.name])
+                else:
+                    target.symlink_to(f)
+        else:
+            (root / name).symlink_to(source / name)
+    return root

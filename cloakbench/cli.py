@@ -1,13 +1,13 @@
-"""Command-line interface: ``cloakbench run | list | validate | protect``.
+"""Command-line interface: ``cloakbench run | export | list | validate | protect | cache | bench``.
 
 Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
-2 bad input (suite, dataset, arguments); 3 a required file could not be fetched.
+2 bad input (suite, dataset, arguments); 3 a required file could not be fetched; 130 interrupted (the
+finished tasks are in the results store; the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import math
@@ -17,7 +17,7 @@ from typing import Any
 
 from cloakbench.errors import CloakbenchError, ConfigError, DatasetError, FetchError
 
-EXIT_OK, EXIT_CELLS_FAILED, EXIT_BAD_INPUT, EXIT_FETCH = 0, 1, 2, 3
+EXIT_OK, EXIT_CELLS_FAILED, EXIT_BAD_INPUT, EXIT_FETCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _suite_path(arg: str) -> Path:
@@ -32,10 +32,7 @@ def _suite_path(arg: str) -> Path:
     return builtin
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from cloakbench.bench.cache import ArtifactCache
-    from cloakbench.bench.output import write_run
-    from cloakbench.bench.runner import run_suite
+def _load_run_suite(args: argparse.Namespace) -> Any:
     from cloakbench.bench.suite import load_suite
 
     suite = load_suite(_suite_path(args.suite))
@@ -43,20 +40,111 @@ def _cmd_run(args: argparse.Namespace) -> int:
         import dataclasses
 
         suite = dataclasses.replace(suite, device=args.device)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = (Path(args.out) if args.out else Path("runs") / f"{suite.name}-{stamp}").resolve()
-    result = run_suite(suite, cache=ArtifactCache(enabled=not args.no_cache), progress=not (args.quiet or args.json))
-    written = write_run(result, out_dir)
+    return suite
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    from cloakbench.bench.executors import InProcess, RayExecutor
+
+    if args.executor == "ray":
+        return RayExecutor(args.address, workers=args.workers)
+    if args.address or args.workers:
+        raise ConfigError("--address and --workers are options of --executor ray")
+    return InProcess()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cloakbench.bench.cache import ArtifactCache
+    from cloakbench.bench.executors import run_into_store
+    from cloakbench.bench.output import write_run
+    from cloakbench.bench.store import STORE_FILE
+
+    suite = _load_run_suite(args)
+    executor = _executor(args)  # option errors before any work
+    out_dir = (Path(args.out) if args.out else Path("runs") / suite.name).resolve()
+    if args.dry_run:
+        return _dry_run(suite, out_dir, args)
+    if args.fresh:
+        for suffix in ("", "-wal", "-shm"):
+            (out_dir / f"{STORE_FILE}{suffix}").unlink(missing_ok=True)
+    chatty = not (args.quiet or args.json)
+    outcome = run_into_store(
+        suite, out_dir, executor=executor, cache=ArtifactCache(enabled=not args.no_cache), progress=chatty
+    )
+    written = write_run(outcome.result, out_dir, attempts_of=outcome.store_path)
     summary = written["summary"]
     failed = sum(1 for r in summary if r.get("status") == "failed")
     if args.json:
         clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in summary]
-        json.dump({"run_dir": str(out_dir), "summary": clean, "timings_s": result.timings}, sys.stdout, indent=2)
+        payload = {
+            "run_dir": str(out_dir), "store": str(outcome.store_path), "resumed": outcome.resumed,
+            "tasks": {"total": outcome.tasks_total, "already_done": outcome.tasks_skipped, "run": outcome.tasks_run,
+                      "failed": outcome.tasks_failed},
+            "cells_failed": failed, "seconds": outcome.seconds, "stage_seconds": outcome.stage_seconds,
+            "summary": clean,
+        }  # fmt: skip
+        json.dump(payload, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif not args.quiet:
         sys.stdout.write((out_dir / "summary.md").read_text())
-        sys.stdout.write(f"\nrun folder: {out_dir}  ({result.timings['total_s']:.0f} s)\n")
+        resumed = (
+            f"resumed: {outcome.tasks_skipped} of {outcome.tasks_total} tasks were done; " if outcome.resumed else ""
+        )
+        sys.stdout.write(
+            f"\nrun folder: {out_dir}  ({resumed}{outcome.tasks_run} tasks run in {outcome.seconds:.0f} s"
+            + (f"; {failed} cells failed, see summary.csv" if failed else "")
+            + ")\n"
+        )
     return EXIT_CELLS_FAILED if failed else EXIT_OK
+
+
+def _dry_run(suite: Any, out_dir: Path, args: argparse.Namespace) -> int:
+    from cloakbench.bench.executors import load_layout
+    from cloakbench.bench.plan import describe, plan_tasks
+    from cloakbench.bench.store import STORE_FILE, ResultsStore
+
+    layout = load_layout(suite)
+    done: dict[str, str] = {}
+    if (out_dir / STORE_FILE).is_file():
+        with ResultsStore.in_folder(out_dir) as store:
+            done = store.task_states()
+    rows = describe(suite, plan_tasks(suite), layout.shape, done)
+    cells = sum(r["cells"] for r in rows)
+    todo = sum(1 for r in rows if r["state"] != "ok")
+    if args.json:
+        payload = {"suite": suite.name, "run_dir": str(out_dir), "tasks": rows, "cells": cells, "tasks_to_run": todo}
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if args.quiet:
+        return EXIT_OK
+    shape = layout.shape
+    sys.stdout.write(
+        f"suite {suite.name!r}: {shape.images} photos of {shape.identities} identities, protected (one at a "
+        f"time): {', '.join(shape.protected)}\n\n"
+    )
+    width = max(len(r["task"]) for r in rows)
+    sys.stdout.write(f"{'task':<{width}}  cells  {'state':<7}  work\n")
+    for r in rows:
+        sys.stdout.write(f"{r['task']:<{width}}  {r['cells']:>5}  {r['state']:<7}  {r['work']}\n")
+    sys.stdout.write(f"\n{len(rows)} tasks, {cells} cells; {todo} tasks to run into {out_dir} (nothing was run)\n")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cloakbench.bench.export import export_store, parse_formats
+
+    formats = parse_formats(args.format)
+    results = Path(args.results)
+    out_dir = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "export"
+    written = export_store(results, out_dir, formats)
+    if args.json:
+        json.dump({"files": [str(p) for p in written]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        for path in written:
+            sys.stdout.write(f"{path}\n")
+    return EXIT_OK
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -115,17 +203,13 @@ def _entry_payload(entry: Any) -> dict[str, Any]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from cloakbench.bench.plan import cells_of, plan_tasks
     from cloakbench.bench.suite import load_suite
 
     suite = load_suite(_suite_path(args.suite))
-    cells = (
-        len(suite.seeds)
-        * len(suite.defenses)
-        * len(suite.recognizers)
-        * len(suite.countermeasures)
-        * len(suite.classifiers)
-    )
-    sys.stdout.write(f"{args.suite}: valid suite {suite.name!r}, {cells} cells\n")
+    tasks = plan_tasks(suite)
+    cells = sum(cells_of(suite, t) for t in tasks)
+    sys.stdout.write(f"{args.suite}: valid suite {suite.name!r}, {len(tasks)} tasks, {cells} cells\n")
     return EXIT_OK
 
 
@@ -173,6 +257,56 @@ def _cmd_protect(args: argparse.Namespace) -> int:
     return EXIT_CELLS_FAILED if report.skipped else EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import datetime as _dt
+
+    from cloakbench.bench.timing_suite import run_timing_suite
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = (Path(args.out) if args.out else Path("runs") / f"bench-{stamp}").resolve()
+
+    def progress(message: str) -> None:
+        sys.stderr.write(f"cloakbench bench: {message}\n")
+
+    result = run_timing_suite(
+        out_dir,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        quick=args.quick,
+        progress=None if (args.quiet or args.json) else progress,
+    )
+    if args.json:
+        payload = {k: result[k] for k in ("run_id", "out_dir", "device", "timings", "kernels", "skipped", "failed")}
+        json.dump(payload, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        sys.stdout.write((out_dir / "bench.md").read_text())
+        sys.stdout.write(f"\nbench folder: {out_dir}\n")
+    return EXIT_CELLS_FAILED if result["failed"] else EXIT_OK
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import math
+
+    from cloakbench.cache import cache_root
+    from cloakbench.cache_admin import cache_info, info_json, info_table, prune, prune_json, prune_table
+
+    root = cache_root()
+    if args.cache_command == "info":
+        infos = cache_info(root)
+        sys.stdout.write(json.dumps(info_json(root, infos), indent=2) + "\n" if args.json else info_table(root, infos))
+        return EXIT_OK
+    days = args.older_than
+    if days is not None and not (math.isfinite(days) and days >= 0):
+        raise ConfigError(f"cache prune: --older-than takes a number of days >= 0, got {days}")
+    older = None if days is None else dt.timedelta(days=days)
+    report = prune(root, kinds=args.kind, older_than=older, dry_run=args.dry_run)
+    sys.stdout.write(json.dumps(prune_json(report), indent=2) + "\n" if args.json else prune_table(report))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloakbench", description="Benchmark face cloaking defenses against face recognizers."
@@ -180,19 +314,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a suite (a YAML file or a built-in name such as 'quick')")
+    run = sub.add_parser(
+        "run",
+        help="run a suite (a YAML file or a built-in name such as 'quick'); run it again with the same --out to resume",
+    )
     run.add_argument("suite")
-    run.add_argument("--out", help="run folder (default: ./runs/<suite>-<UTC time>)")
+    run.add_argument(
+        "--out",
+        help="results folder (default: ./runs/<suite name>); holds results.sqlite; an unfinished run in it resumes",
+    )
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
     run.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute cloaks and embeddings instead of reusing cached ones",
     )
+    run.add_argument("--dry-run", action="store_true", help="print the tasks, their cells and work; run nothing")
+    run.add_argument("--fresh", action="store_true", help="discard the results store in --out and start over")
+    run.add_argument(
+        "--executor", choices=["in-process", "ray"], default="in-process", help="where tasks run (default: %(default)s)"
+    )
+    run.add_argument("--address", help="Ray cluster address (HOST:PORT or 'auto'; default: start a local Ray)")
+    run.add_argument("--workers", type=int, help="Ray worker actors (default: one per GPU, or per CPU without GPUs)")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     mode.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
     run.set_defaults(func=_cmd_run)
+
+    exp = sub.add_parser("export", help="export a results store to Parquet and CSV (one file per table)")
+    exp.add_argument("results", help="a results folder (or its results.sqlite)")
+    exp.add_argument("--format", default="parquet,csv", help="comma-separated: parquet, csv (default: %(default)s)")
+    exp.add_argument("--out", help="folder for the files (default: <results>/export)")
+    exp_mode = exp.add_mutually_exclusive_group()
+    exp_mode.add_argument("--quiet", action="store_true")
+    exp_mode.add_argument("--json", action="store_true", help="print the written files as JSON")
+    exp.set_defaults(func=_cmd_export)
 
     lst = sub.add_parser("list", help="list registered components")
     lst.add_argument(
@@ -241,6 +397,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prot_mode.add_argument("--json", action="store_true", help="print the outcome of every photo as JSON (for scripts)")
     prot.set_defaults(func=_cmd_protect)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time embedding, cloaking and JPEG on real models and faces (median and IQR over repeats; exit 1 when "
+        "some target failed)",
+    )
+    bench.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for results.sqlite, bench.json, bench.md (default: ./runs/bench-<UTC time>)",
+    )
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: %(default)s")
+    bench.add_argument("--repeats", type=int, default=10, help="timed calls per target (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed calls before them (default: %(default)s)")
+    bench.add_argument(
+        "--quick", action="store_true", help="sface and facenet-casia embedding, a 2-step pgd and JPEG only"
+    )
+    bench_mode = bench.add_mutually_exclusive_group()
+    bench_mode.add_argument("--quiet", action="store_true", help="no progress and no table")
+    bench_mode.add_argument("--json", action="store_true", help="print the stored rows as JSON (for scripts)")
+    bench.set_defaults(func=_cmd_bench)
+
+    cache = sub.add_parser("cache", help="show or prune the cache (cloaks, embeddings, checkpoints, models, ...)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_info = cache_sub.add_parser("info", help="entries, size and last use of every kind of cache entry")
+    cache_info.add_argument("--json", action="store_true", help="print as JSON (for scripts)")
+    cache_info.set_defaults(func=_cmd_cache)
+    cache_prune = cache_sub.add_parser(
+        "prune", help="remove cache entries (default: artifacts, checkpoints and manifests, which need no network)"
+    )
+    cache_prune.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="a kind from 'cloakbench cache info' or 'artifacts' (every artifact kind), repeatable; model files "
+        "(converted, files, downloads), the demo set and aligned datasets go only when named",
+    )
+    cache_prune.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="only entries not used for DAYS days (default: all)"
+    )
+    cache_prune.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    cache_prune.add_argument("--json", action="store_true", help="print the outcome as JSON (for scripts)")
+    cache_prune.set_defaults(func=_cmd_cache)
     return parser
 
 
@@ -250,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("cloakbench: interrupted; finished tasks are in the results store (run again to resume)\n")
+        return EXIT_INTERRUPTED
     except (ConfigError, DatasetError) as exc:
         sys.stderr.write(f"cloakbench: error: {exc}\n")
         return EXIT_BAD_INPUT

@@ -8,6 +8,7 @@ config and rejects unknown keys by name, saying where they came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -30,8 +31,8 @@ def build(cls: type[C], data: Mapping[str, Any] | None, *, where: str) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        allowed = ", ".join(sorted(fields))
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: {allowed})")
+        hint, allowed = _did_you_mean(unknown, fields), ", ".join(sorted(fields))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{hint} (allowed: {allowed})")
     missing = sorted(
         name
         for name, f in fields.items()
@@ -44,10 +45,25 @@ def build(cls: type[C], data: Mapping[str, Any] | None, *, where: str) -> C:
     coerced = {k: _coerce(v, hints.get(k, Any), f"{where}{sep}{k}") for k, v in data.items()}
     try:
         return cls(**coerced)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(_locate(str(exc), where, sep, fields)) from None
+
+
+def _did_you_mean(unknown: list[str], known: Mapping[str, Any]) -> str:
+    """``"; did you mean 'x'?"`` for the unknown keys that are close to a known one (empty when none is)."""
+    close = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, known, n=1))}
+    if not close:
+        return ""
+    if len(unknown) == 1:
+        return f"; did you mean {next(iter(close.values()))!r}?"
+    return "; did you mean " + ", ".join(f"{m!r} for {k!r}" for k, m in close.items()) + "?"
+
+
+def _locate(message: str, where: str, sep: str, fields: Mapping[str, Any]) -> str:
+    """Prefix a ``__post_init__`` message with ``where``; one that starts with a field name (``"epsilon must
+    be ..."``) gets that field onto the key path (``"file.yaml: defenses[1].params.epsilon must be ..."``)."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    return f"{where}{sep}{message}" if first in fields else f"{where}: {message}"
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -67,7 +83,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # the value had the right shape for one alternative and failed deeper inside it: that error says most
+        deeper = [e for e in errors if e.startswith((f"{where}[", f"{where}."))]
+        if deeper:
+            raise ConfigError(deeper[0])
+        wanted = " or ".join(_describe(a) for a in args if a is not type(None))
+        raise ConfigError(f"{where}: expected {wanted}, got {type(value).__name__} {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -84,7 +107,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(value)
     if origin in (dict, Mapping) or hint in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if isinstance(hint, type) and issubclass(hint, Enum):
         if isinstance(value, hint):
@@ -115,6 +138,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a path, got {type(value).__name__} {value!r}")
         return Path(value)
     return value
+
+
+def _describe(hint: Any) -> str:
+    """What a value of type ``hint`` looks like in YAML, for error messages (``"a list"``, ``"'all'"``)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    if origin in (tuple, list):
+        return "a list"
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return "a mapping"
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", Path: "a path"}
+    return names.get(hint, str(hint))
 
 
 def to_plain(obj: Any) -> Any:

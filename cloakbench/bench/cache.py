@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cloakbench.cache import atomic_write_bytes, cache_dir
+from cloakbench.cache import atomic_write_bytes, cache_dir, touch
 from cloakbench.config import stable_hash
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class ArtifactCache:
                 log.warning("%s: unreadable cache entry (%s); recomputing", path, exc)
             else:
                 self.hits += 1
+                touch(path)  # last use, for pruning least recently used entries (cloakbench cache prune)
                 return np.asarray(value)
         self.misses += 1
         value = compute()

@@ -2,6 +2,7 @@
 
 Layout of ``<run>/``::
 
+    results.sqlite    the results store every table below is written from (see cloakbench.bench.store)
     config.yaml       the fully resolved suite
     metadata.json     UTC time, git commit and dirty flag, package versions, device, providers, threads
     manifest.csv      the dataset manifest (image id, identity, path, sha256, split)
@@ -97,14 +98,24 @@ def _file_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "_"
 
 
-def write_run(result: RunResult, out_dir: Path) -> dict[str, Any]:
-    """Write the run folder (see module docstring) and return the summary rows with quality attached."""
+def write_run(result: RunResult, out_dir: Path, *, attempts_of: Path | None = None) -> dict[str, Any]:
+    """Write the run folder (see module docstring) and return the summary rows with quality attached.
+
+    ``attempts_of``: the results store the rows came from; metadata.json then lists every attempt at the run
+    (each with its own metadata) and the wall seconds per stage summed over the store's tasks."""
     out_dir.mkdir(parents=True, exist_ok=True)
     suite = result.suite
     summary = sort_cells(suite, attach_quality(result.summary, result.cloaks))
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(suite.to_dict(), sort_keys=False))
     meta = metadata.collect(resolve_device(suite.device), onnx_providers=result.onnx_providers)
     meta["timings_s"] = result.timings
+    if attempts_of is not None:
+        from cloakbench.bench.store import ResultsStore
+
+        with ResultsStore(attempts_of) as store:
+            meta["results_store"] = str(attempts_of)
+            meta["stage_seconds"] = store.stage_seconds()
+            meta["attempts"] = store.attempts()
     meta["service_queries"] = result.service_usage
     meta["dataset"] = {
         "root": str(result.manifest.root),

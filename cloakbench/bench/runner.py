@@ -13,9 +13,14 @@ one defense or recognizer becomes rows with ``status = failed`` and the rest of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import logging
+import math
+import os
+import socket
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,7 +44,9 @@ from cloakbench.bench.metrics import (
     rank_of_true,
     topk_correct,
 )
+from cloakbench.bench.plan import Task, TaskKind, plan_tasks
 from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Protocol, Suite
+from cloakbench.bench.timing import StageTimer, run_with_oom_retry
 from cloakbench.bench.views import Plain, Retrained, View, make_view_provider
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
@@ -180,8 +187,8 @@ def derive_seed(*parts: Any) -> int:
     return int(stable_hash(*parts, length=15), 16)
 
 
-class _Models:
-    """Builds each recognizer once per run."""
+class ModelPool:
+    """Builds each recognizer once per worker, on the device where it can run (else it stays on the CPU)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -223,7 +230,7 @@ class _Cloaks:
     surrogate_weights: frozenset[str] | None = None  # weights the defense optimised against (none for noise)
 
 
-def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: _Models) -> Any:
+def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: ModelPool) -> Any:
     """The suite entry's defense, with robust (EOT) surrogates when the entry asks for them."""
     surrogates = make_robust(
         [models.get(s) for s in spec.surrogates], spec.robust, seed=derive_seed("robust", seed, spec.label) % 2**31
@@ -235,34 +242,44 @@ def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: _Mode
 
 
 def cloak_all(
-    suite: Suite, data: PreparedData, spec: DefenseSpec, seed: int, models: _Models, cache: ArtifactCache,
+    suite: Suite, data: PreparedData, spec: DefenseSpec, seed: int, models: ModelPool, cache: ArtifactCache,
     *, progress: bool, quality_rows: list[dict[str, Any]] | None, identities: Sequence[str] | None = None,
-    per_identity: int | None = None,
+    per_identity: int | None = None, clock: StageClock | None = None,
 ) -> _Cloaks:  # fmt: skip
     """Cloak the training photos of ``identities`` (default: the protected ones), the first ``per_identity``
-    of each (default: all), cached by content. ``quality_rows`` (None: not recorded) gets one row per photo."""
+    of each (default: all), cached by content. ``quality_rows`` (None: not recorded) gets one row per photo.
+
+    The seconds each identity's cloaks took are cached beside them, so the cost per image a run reports is the
+    cost of making the cloak, also when this run read it from the cache (a resumed run reports what an
+    uninterrupted one would)."""
     defense = make_defense(spec, data, seed, models)
     identities = data.protected if identities is None else tuple(identities)
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
     seconds = 0.0
-    computed = 0
+    photos = 0
     for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
         idx = data.train[ident][:per_identity] if per_identity else data.train[ident]
         originals = data.images[idx]
         key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), seed, ident, [data.shas[i] for i in idx])
         keys[ident] = stable_hash(key_parts, length=24)
+        measured: list[float] = []
 
-        def compute(originals: torch.Tensor = originals, ident: str = ident) -> np.ndarray:
-            nonlocal seconds, computed
+        def compute(
+            originals: torch.Tensor = originals, ident: str = ident, measured: list[float] = measured
+        ) -> np.ndarray:
             generator = torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict()))
             start = time.perf_counter()
-            cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator)
-            seconds += time.perf_counter() - start
-            computed += originals.shape[0]
+            with clock.stage("cloaking") if clock else contextlib.nullcontext():
+                cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator)
+            measured.append(time.perf_counter() - start)
             return png_round_trip(to_uint8(cloaked))
 
         arr = cache.get_or_compute("cloaks", key_parts, compute)
+        cost = cache.get_or_compute("cloak_seconds", key_parts, functools.partial(_seconds_array, measured))
+        if math.isfinite(float(cost[0])):
+            seconds += float(cost[0])
+            photos += originals.shape[0]
         out[ident] = arr
         if quality_rows is None:
             continue
@@ -279,8 +296,12 @@ def cloak_all(
             )
     used = frozenset(getattr(s, "base", s).weights_id for s in defense.surrogates)  # an EOT wrapper's base model
     return _Cloaks(
-        images=out, key=keys, seconds_per_image=(seconds / computed) if computed else None, surrogate_weights=used
+        images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used
     )
+
+
+def _seconds_array(measured: list[float]) -> np.ndarray:
+    return np.array([measured[0] if measured else math.nan], dtype=np.float64)
 
 
 def png_round_trip(images: np.ndarray) -> np.ndarray:
@@ -312,93 +333,240 @@ def dataset_target_pool(data: PreparedData) -> PublicFaces:
     return PublicFaces(source="dataset", images=images, digest=stable_hash(shas))
 
 
-def _embed(rec: Recognizer, images: torch.Tensor, transform: InputTransform | None, seed: int) -> np.ndarray:
-    if transform is not None:
-        images = transform.apply(images, generator=torch.Generator().manual_seed(seed))
-    return rec.embed_batched(images).numpy()
+def _embed(
+    rec: Recognizer, images: torch.Tensor, transform: InputTransform | None, seed: int, clock: StageClock | None = None
+) -> np.ndarray:
+    with clock.stage("transform") if clock and transform else contextlib.nullcontext():
+        if transform is not None:
+            images = transform.apply(images, generator=torch.Generator().manual_seed(seed))
+    with clock.stage("embedding") if clock else contextlib.nullcontext():
+        out, record = run_with_oom_retry(
+            lambda batch: rec.embed_batched(images, batch_size=batch), rec.preferred_batch_size
+        )
+    if record.halvings and clock is not None:
+        tried = " -> ".join(str(b) for b in record.tried)
+        clock.events.append({"kind": "oom-retry", "detail": f"embedding with {rec.name}: batch {tried}"})
+    return out.numpy()
+
+
+class StageClock(StageTimer):
+    """A task's stage timer (seconds per stage, the device synchronised at both ends of a stage) and the
+    events worth recording, such as a batch halved after a CUDA out-of-memory error."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.events: list[dict[str, str]] = []
+
+
+@dataclass
+class TaskResult:
+    """Everything one task produced; committed to the store in one transaction (picklable, for Ray)."""
+
+    task: Task
+    status: str = "ok"  # ok | failed (the task raised, or some of its cells failed)
+    error: str = ""
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    queries: list[dict[str, Any]] = field(default_factory=list)
+    cloaks: list[dict[str, Any]] = field(default_factory=list)
+    adaptations: list[dict[str, Any]] = field(default_factory=list)
+    service_usage: dict[str, int] = field(default_factory=dict)
+    grids: dict[str, np.ndarray] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    worker: str = ""
+    onnx_providers: dict[str, list[str]] = field(default_factory=dict)
+    events: list[dict[str, str]] = field(default_factory=list)  # {"kind": ..., "detail": ...}
+
+
+def load_suite_data(suite: Suite) -> tuple[Manifest, dict[str, Any] | None]:
+    """The suite's manifest (aligned first when asked; capped per identity when asked) and alignment report."""
+    manifest, alignment = load_manifest(suite)
+    if suite.dataset.max_per_identity is not None:
+        manifest = cap_per_identity(manifest, suite.dataset.max_per_identity, seed=suite.dataset.split_seed)
+    return manifest, alignment
+
+
+class CellWorker:
+    """Runs tasks of one suite: holds the dataset, the models and (for the current seed) the cloaks.
+
+    The same worker serves the in-process executor and each Ray actor; every task is a pure function of the
+    suite and its seed, so where it runs does not change its rows."""
+
+    def __init__(
+        self, suite: Suite, *, cache: ArtifactCache | None = None, checkpoints: FileCheckpoints | None = None,
+        progress: bool = False, name: str = "",
+    ) -> None:  # fmt: skip
+        self.suite = suite
+        self.cache = cache if cache is not None else ArtifactCache()
+        self.checkpoints = checkpoints or FileCheckpoints(
+            self.cache.root.parent / "checkpoints", enabled=self.cache.enabled
+        )
+        self.progress = progress
+        self.device = resolve_device(suite.device)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        t0 = time.perf_counter()
+        self.manifest, self.alignment = load_suite_data(suite)
+        self.data = prepare_data(suite, self.manifest)
+        self.data_seconds = time.perf_counter() - t0
+        self.models = ModelPool(self.device)
+        self._cloaks: tuple[int, dict[str, _Cloaks]] | None = None
+
+    def run(self, task: Task) -> TaskResult:
+        """Run one task; an exception becomes a failed task (with failed cells), never a crashed suite."""
+        result = TaskResult(task=task, worker=self.name)
+        clock = StageClock(self.device)
+        hits, misses = self.cache.hits, self.cache.misses
+        start = time.perf_counter()
+        try:
+            with clock.stage("loading"):  # build (and on first use fetch) the models the task needs
+                for name in self._models_of(task):
+                    self.models.get(name)
+            if task.kind is TaskKind.CLOAK:
+                self._cloak(task, result, clock)
+            elif task.kind is TaskKind.EVALUATE:
+                self._evaluate(task, result, clock)
+            else:
+                self._service(task, result, clock)
+        except Exception as exc:  # one task failing must not sink the suite
+            log.error("task %s failed: %s", task.key, exc)
+            result.status, result.error = "failed", _error_text(exc)
+            result.summary, result.queries = self._failed_cells(task, result.error), []
+        failed = [r for r in result.summary if r.get("status") == "failed"]
+        if failed and result.status == "ok":
+            result.status, result.error = "failed", f"{len(failed)} of {len(result.summary)} cells failed"
+        result.seconds = time.perf_counter() - start
+        result.stages = clock.as_dict()
+        result.events = list(clock.events)
+        retrained = sum(float(r["seconds"]) for r in result.adaptations if not r.get("cached"))
+        if retrained:
+            result.stages["retraining"] = retrained
+        result.cache_hits, result.cache_misses = self.cache.hits - hits, self.cache.misses - misses
+        result.onnx_providers = self.models.onnx_providers()
+        return result
+
+    def _models_of(self, task: Task) -> tuple[str, ...]:
+        if task.kind is TaskKind.CLOAK:
+            return next(d for d in self.suite.defenses if d.label == task.subject).surrogates
+        if task.kind is TaskKind.EVALUATE:
+            return (task.subject,)
+        return (next(s for s in self.suite.services if s.label == task.subject).backend,)
+
+    def cloaks(self, seed: int) -> dict[str, _Cloaks]:
+        """Every defense's cloaks for ``seed`` (from the artifact cache when the cloak tasks ran); the worker
+        keeps one seed at a time."""
+        if self._cloaks is None or self._cloaks[0] != seed:
+            self._cloaks = (seed, {})
+        memo = self._cloaks[1]
+        for spec in self.suite.defenses:
+            if spec.label not in memo:
+                try:
+                    memo[spec.label] = cloak_all(
+                        self.suite, self.data, spec, seed, self.models, self.cache, progress=self.progress,
+                        quality_rows=None,
+                    )  # fmt: skip
+                except Exception as exc:
+                    log.error("defense %s failed: %s", spec.label, exc)
+                    memo[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
+        return memo
+
+    def _cloak(self, task: Task, result: TaskResult, clock: StageClock) -> None:
+        spec = next(d for d in self.suite.defenses if d.label == task.subject)
+        if self._cloaks is None or self._cloaks[0] != task.seed:
+            self._cloaks = (task.seed, {})
+        try:
+            cl = cloak_all(
+                self.suite, self.data, spec, task.seed, self.models, self.cache, progress=self.progress,
+                quality_rows=result.cloaks, clock=clock,
+            )  # fmt: skip
+        except Exception as exc:
+            self._cloaks[1][spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
+            raise
+        self._cloaks[1][spec.label] = cl
+        if task.seed == self.suite.seeds[0]:
+            result.grids = _grids(self.data, {spec.label: cl})
+
+    def _evaluate(self, task: Task, result: TaskResult, clock: StageClock) -> None:
+        cm = next(c for c in self.suite.countermeasures if c.label == task.countermeasure)
+        cloaks = self.cloaks(task.seed)
+        ctx = _Context(
+            suite=self.suite, data=self.data, seed=task.seed, models=self.models, cache=self.cache,
+            checkpoints=self.checkpoints, cloaks=cloaks, progress=self.progress, clock=clock,
+        )  # fmt: skip
+        result.summary, result.queries = _evaluate(ctx, task.subject, cm)
+        result.adaptations = ctx.adaptation_rows
+
+    def _service(self, task: Task, result: TaskResult, clock: StageClock) -> None:
+        from cloakbench.bench.service_tracker import evaluate_service
+
+        svc = next(s for s in self.suite.services if s.label == task.subject)
+        cm = next(c for c in self.suite.countermeasures if c.label == task.countermeasure)
+        cloaks = self.cloaks(task.seed)
+        with clock.stage("service"):
+            result.summary, result.queries, result.service_usage = evaluate_service(
+                self.suite, self.data, task.seed, svc, self.models.get(svc.backend), cm, cloaks
+            )
+
+    def _failed_cells(self, task: Task, error: str) -> list[dict[str, Any]]:
+        suite, seed = self.suite, task.seed
+        if task.kind is TaskKind.CLOAK:
+            return []
+        if task.kind is TaskKind.EVALUATE:
+            return [
+                _failed_row(seed, t.protocol.value, d.label, task.subject, task.countermeasure, t.classifier, error)
+                for d in suite.defenses
+                for t in _trackers(suite)
+            ]
+        svc = next(s for s in suite.services if s.label == task.subject)
+        protocols = [p.value for p in suite.protocols] if svc.kind.value == "rekognition" else ["poisoning"]
+        return [
+            _failed_row(seed, p, d.label, task.subject, task.countermeasure, "service", error)
+            for d in suite.defenses
+            for p in protocols
+        ]
+
+
+def assemble(
+    suite: Suite, worker_data: tuple[Manifest, dict[str, Split], dict[str, Any] | None], results: Sequence[TaskResult],
+    *, data_seconds: float = 0.0, total_seconds: float | None = None,
+) -> RunResult:  # fmt: skip
+    """A :class:`RunResult` from task results (in plan order)."""
+    manifest, splits, alignment = worker_data
+    timings: dict[str, float] = {"data_s": data_seconds}
+    for r in results:
+        name = f"{'cloak' if r.task.kind is TaskKind.CLOAK else 'evaluate'}_s_seed{r.task.seed}"
+        timings[name] = timings.get(name, 0.0) + r.seconds
+    timings["total_s"] = total_seconds if total_seconds is not None else data_seconds + sum(r.seconds for r in results)
+    providers: dict[str, list[str]] = {}
+    grids: dict[str, np.ndarray] = {}
+    usage: dict[str, dict[str, int]] = {}
+    for r in results:
+        providers.update(r.onnx_providers)
+        grids.update(r.grids)
+        if r.service_usage:
+            usage[f"{r.task.subject}/{r.task.countermeasure}/seed{r.task.seed}"] = r.service_usage
+    return RunResult(
+        suite=suite, summary=[x for r in results for x in r.summary], queries=[x for r in results for x in r.queries],
+        cloaks=[x for r in results for x in r.cloaks], manifest=manifest, splits=splits, onnx_providers=providers,
+        timings=timings, alignment=alignment, service_usage=usage, grids=grids,
+        adaptations=[x for r in results for x in r.adaptations],
+    )  # fmt: skip
 
 
 def run_suite(
     suite: Suite, *, cache: ArtifactCache | None = None, checkpoints: FileCheckpoints | None = None,
     progress: bool = False,
 ) -> RunResult:  # fmt: skip
-    """Run the whole grid and return its rows (nothing is written here; see :mod:`cloakbench.bench.output`)."""
-    cache = cache if cache is not None else ArtifactCache()
-    if checkpoints is None:
-        checkpoints = FileCheckpoints(cache.root.parent / "checkpoints", enabled=cache.enabled)
-    device = resolve_device(suite.device)
-    timings: dict[str, float] = {}
+    """Run the whole grid in this process and return its rows (nothing is written here: the CLI runs suites
+    through :func:`cloakbench.bench.executors.run_into_store`, which commits each task as it finishes)."""
     t0 = time.perf_counter()
-    manifest, alignment = load_manifest(suite)
-    if suite.dataset.max_per_identity is not None:
-        manifest = cap_per_identity(manifest, suite.dataset.max_per_identity, seed=suite.dataset.split_seed)
-    data = prepare_data(suite, manifest)
-    timings["data_s"] = time.perf_counter() - t0
-    models = _Models(device)
-    summary: list[dict[str, Any]] = []
-    queries: list[dict[str, Any]] = []
-    cloak_rows: list[dict[str, Any]] = []
-    service_usage: dict[str, dict[str, int]] = {}
-    grids: dict[str, np.ndarray] = {}
-    adaptation_rows: list[dict[str, Any]] = []
-
-    for seed in suite.seeds:
-        cloaks: dict[str, _Cloaks] = {}
-        t = time.perf_counter()
-        for spec in suite.defenses:
-            try:
-                cloaks[spec.label] = cloak_all(
-                    suite, data, spec, seed, models, cache, progress=progress, quality_rows=cloak_rows
-                )
-            except Exception as exc:  # one defense failing must not sink the suite
-                log.error("defense %s failed: %s", spec.label, exc)
-                cloaks[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
-        timings[f"cloak_s_seed{seed}"] = time.perf_counter() - t
-        if seed == suite.seeds[0]:
-            grids.update(_grids(data, cloaks))
-        t = time.perf_counter()
-        ctx = _Context(suite=suite, data=data, seed=seed, models=models, cache=cache, checkpoints=checkpoints,
-                       cloaks=cloaks, progress=progress)  # fmt: skip
-        grid = [(r, c) for r in suite.recognizers for c in suite.countermeasures]
-        for rec_name, cm in _progress(grid, enabled=progress, desc=f"evaluate seed={seed}", total=len(grid)):
-            try:
-                rows_s, rows_q = _evaluate(ctx, rec_name, cm)
-            except Exception as exc:
-                log.error("recognizer %s with %s failed: %s", rec_name, cm.label, exc)
-                rows_s = [
-                    _failed_row(seed, t.protocol.value, d.label, rec_name, cm.label, t.classifier, _error_text(exc))
-                    for d in suite.defenses
-                    for t in _trackers(suite)
-                ]
-                rows_q = []
-            summary.extend(rows_s)
-            queries.extend(rows_q)
-        adaptation_rows.extend(ctx.adaptation_rows)
-        # a commercial black box is retrained by its vendor, not by the tracker: adaptations do not apply
-        grid_s = [(svc, c) for svc in suite.services for c in suite.countermeasures if c.name not in ADAPTATIONS]
-        for svc, cm in _progress(grid_s, enabled=progress, desc=f"services seed={seed}", total=len(grid_s)):
-            from cloakbench.bench.service_tracker import evaluate_service
-
-            try:
-                rows_s, rows_q, counts = evaluate_service(suite, data, seed, svc, models.get(svc.backend), cm, cloaks)
-                service_usage[f"{svc.label}/{cm.label}/seed{seed}"] = counts
-            except Exception as exc:
-                log.error("service %s with %s failed: %s", svc.label, cm.label, exc)
-                protocols = [p.value for p in suite.protocols] if svc.kind.value == "rekognition" else ["poisoning"]
-                rows_s = [
-                    _failed_row(seed, p, d.label, svc.label, cm.label, "service", _error_text(exc))
-                    for d in suite.defenses
-                    for p in protocols
-                ]
-                rows_q = []
-            summary.extend(rows_s)
-            queries.extend(rows_q)
-        timings[f"evaluate_s_seed{seed}"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
-    return RunResult(
-        suite=suite, summary=summary, queries=queries, cloaks=cloak_rows, manifest=manifest, splits=data.splits,
-        onnx_providers=models.onnx_providers(), timings=timings, alignment=alignment,
-        service_usage=service_usage, grids=grids, adaptations=adaptation_rows,
+    worker = CellWorker(suite, cache=cache, checkpoints=checkpoints, progress=progress)
+    tasks = plan_tasks(suite)
+    results = [worker.run(t) for t in _progress(tasks, enabled=progress, desc=suite.name, total=len(tasks))]
+    return assemble(
+        suite, (worker.manifest, worker.data.splits, worker.alignment), results, data_seconds=worker.data_seconds,
+        total_seconds=time.perf_counter() - t0,
     )  # fmt: skip
 
 
@@ -537,7 +705,7 @@ def _ranks(
     return tracker.ranks(enrolled, labels, queries, truth)
 
 
-def is_oblivious(spec: DefenseSpec, rec: Recognizer, models: _Models, cloaks: _Cloaks | None = None) -> bool:
+def is_oblivious(spec: DefenseSpec, rec: Recognizer, models: ModelPool, cloaks: _Cloaks | None = None) -> bool:
     """Whether ``rec`` played no part in making the cloak: its weights are none of the weights the defense
     optimised against (so ``sface-onnx`` is not oblivious to a cloak made on ``sface``: same weights, another
     runtime; every recognizer is oblivious to ``noise``, which uses no model)."""
@@ -553,12 +721,13 @@ class _Context:
     suite: Suite
     data: PreparedData
     seed: int
-    models: _Models
+    models: ModelPool
     cache: ArtifactCache
     checkpoints: FileCheckpoints
     cloaks: dict[str, _Cloaks]
     progress: bool = False
     adaptation_rows: list[dict[str, Any]] = field(default_factory=list)
+    clock: StageClock | None = None
 
 
 def _evaluate(
@@ -597,7 +766,9 @@ def _evaluate(
         if here not in loaded:
             key = ("clean", (model.name, model.describe()), cm_key if apply else None, [data.shas[i] for i in idx])
             loaded[here] = cache.get_or_compute(
-                "embeddings", key, lambda: _embed(model, data.images[idx], transform if apply else None, t_seed)
+                "embeddings",
+                key,
+                lambda: _embed(model, data.images[idx], transform if apply else None, t_seed, ctx.clock),
             )
         return loaded[here]
 
@@ -660,7 +831,7 @@ def _evaluate(
                         "embeddings",
                         ("cloaked", (model.name, model.describe()), cm_key if on_enroll else None, cl.key[ident]),
                         lambda cloaked=cloaked, model=model: _embed(  # type: ignore[misc]
-                            model, from_uint8(cloaked), transform if on_enroll else None, t_seed
+                            model, from_uint8(cloaked), transform if on_enroll else None, t_seed, ctx.clock
                         ),
                     )
                     enrolled = e_train.copy()

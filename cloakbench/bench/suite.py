@@ -3,6 +3,9 @@
 A suite names a dataset, the protected identities, and the axes of the grid: defenses (with their
 surrogates and parameters), recognizers, countermeasures, classifiers and seeds. Every error names the
 file, the key path and the problem. The resolved suite (defaults filled in) is written next to every run.
+:func:`load_suite` also rejects a key given twice in one mapping (plain YAML keeps the last one silently)
+and, for ``source: folder``, lists the dataset folder (no image is read) to reject a missing folder and
+protected identities that cannot be in it. The full schema is documented in ``docs/suites.md``.
 
 Schema (all keys optional unless marked)::
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +78,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         require(0 < self.train_fraction < 1, f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        require(self.split_seed >= 0, f"split_seed must be >= 0, got {self.split_seed}")
         require(
             self.max_per_identity is None or self.max_per_identity >= 2,
             f"max_per_identity must be >= 2 (one enrollment and one query photo), got {self.max_per_identity}",
@@ -91,6 +96,10 @@ class ProtectedConfig:
     count: int | None = None
 
     def __post_init__(self) -> None:
+        require(self.identities == "all" or len(self.identities) >= 1, "identities: give at least one name, or 'all'")
+        require(
+            self.identities == "all" or len(set(self.identities)) == len(self.identities), "identities: names repeat"
+        )
         if self.count is not None:
             require(self.count >= 1, f"count must be >= 1, got {self.count}")
             require(self.identities == "all", "give either 'identities' as a list or 'count', not both")
@@ -194,13 +203,14 @@ class Suite:
 
 def _require_mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {reprlib.repr(value)}")
     return value
 
 
 def _list_of_mappings(value: Any, where: str, *, shorthand: bool, allow_empty: bool = False) -> list[Mapping[str, Any]]:
     if not isinstance(value, list) or not (value or allow_empty):
-        raise ConfigError(f"{where}: expected a {'' if allow_empty else 'non-empty '}list")
+        got = f"{type(value).__name__} {reprlib.repr(value)}"
+        raise ConfigError(f"{where}: expected a {'' if allow_empty else 'non-empty '}list, got {got}")
     items = []
     for i, item in enumerate(value):
         if shorthand and isinstance(item, str):
@@ -222,8 +232,8 @@ def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ..
     for i, it in enumerate(out):
         if it.label in seen:
             raise ConfigError(
-                f"{where}: {section}[{i}]: label {it.label!r} repeats {section}[{seen[it.label]}]; "
-                "give each a distinct 'label'"
+                f"{where}: {section}[{i}].label: label {it.label!r} repeats {section}[{seen[it.label]}] "
+                "(a missing label defaults to the name); give each a distinct 'label'"
             )
         seen[it.label] = i
     return out
@@ -231,7 +241,9 @@ def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ..
 
 def parse_suite(data: Any, *, where: str) -> Suite:
     """Validate a suite mapping (from YAML) into a :class:`Suite`; registry names are checked too."""
-    top = dict(_require_mapping(data, where))
+    if data is None:
+        raise ConfigError(f"{where}: the suite is empty (expected a mapping with at least name, defenses, recognizers)")
+    top = dict(_require_mapping(data, f"{where}: top level"))
     fields: dict[str, Any] = dict(top)
     if "dataset" in top:
         fields["dataset"] = build(
@@ -269,7 +281,8 @@ def parse_suite(data: Any, *, where: str) -> Suite:
         fields["services"] = _labelled(svcs, where, "services")
     for key in ("recognizers", "classifiers"):
         if key in top and (not isinstance(top[key], list) or not top[key]):
-            raise ConfigError(f"{where}: {key}: expected a non-empty list of names")
+            got = f"{type(top[key]).__name__} {reprlib.repr(top[key])}"
+            raise ConfigError(f"{where}: {key}: expected a non-empty list of names, got {got}")
     suite = build(Suite, fields, where=where)
     _check_names(suite, where)
     return suite
@@ -324,25 +337,102 @@ def _check_names(suite: Suite, where: str) -> None:
                 f"{where}: services[{i}]: an azure person group has no gallery search, so it cannot run the "
                 "evasion protocol; use kind 'rekognition', or a suite with protocols [poisoning]"
             )
-    if len(set(suite.recognizers)) != len(suite.recognizers):
-        raise ConfigError(f"{where}: recognizers: names repeat")
-    if len(set(suite.seeds)) != len(suite.seeds):
-        raise ConfigError(f"{where}: seeds: values repeat")
+    for key, values in (("recognizers", suite.recognizers), ("seeds", suite.seeds)):
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise ConfigError(f"{where}: {key}[{i}]: {value!r} repeats {key}[{values.index(value)}]")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (safe_load keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may repeat keys on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) or key is None:
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first_line[key]})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    """``file: line L, column C: not valid YAML: problem (context at line ...)`` from a PyYAML error."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return ConfigError(f"{path}: not valid YAML: {exc}")
+    mark = exc.problem_mark
+    context = ""
+    if exc.context and exc.context_mark is not None:
+        context = f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+    return ConfigError(
+        f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}{context}"
+    )
+
+
+_SHOWN = 20  # identity names listed in an error
+
+
+def check_dataset(suite: Suite, where: str) -> None:
+    """Cheap checks of a ``source: folder`` dataset that parsing cannot do: the folder exists and the protected
+    identities can be in it (their folders exist with 2+ image files; ``count`` is not above the number of such
+    folders). Only names are listed, no image is read, so an error here is certain; a folder that passes can
+    still fail at run time when its images turn out unreadable."""
+    from cloakbench.datasets.folder import list_folder
+
+    path = suite.dataset.path
+    if suite.dataset.source is not DatasetSource.FOLDER or path is None:
+        return  # the demo set is fetched and built when a run starts
+    if not path.is_dir():
+        problem = "does not exist" if not path.exists() else "is not a folder"
+        raise ConfigError(f"{where}: dataset.path: {path} {problem} (a relative path is relative to the suite file)")
+    try:
+        listing = list_folder(path)
+    except OSError as exc:
+        raise ConfigError(f"{where}: dataset.path: {path} cannot be listed: {exc}") from None
+    photos: dict[str, int] = {}
+    for entry in listing.candidates:
+        photos[entry.identity] = photos.get(entry.identity, 0) + 1
+    usable = sorted(name for name, n in photos.items() if n >= 2)
+    protected = suite.protected
+    if protected.identities != "all":
+        for i, name in enumerate(protected.identities):
+            if name not in usable:
+                why = "has fewer than 2 image files" if name in listing.identities else "is not an identity folder"
+                shown = ", ".join(usable[:_SHOWN]) + (f", ... ({len(usable)} in all)" if len(usable) > _SHOWN else "")
+                raise ConfigError(
+                    f"{where}: protected.identities[{i}]: {name!r} {why} in {path} "
+                    f"(identities with 2+ photos: {shown or 'none'})"
+                )
+    elif protected.count is not None and protected.count > len(usable):
+        raise ConfigError(
+            f"{where}: protected.count: {protected.count} asked for, but {path} has only {len(usable)} identity "
+            "folder(s) with 2+ image files"
+        )
 
 
 def load_suite(path: Path) -> Suite:
-    """Read and validate a suite YAML file (safe loader)."""
+    """Read and validate a suite YAML file (safe loader, duplicate keys rejected; see :func:`check_dataset`)."""
     if not path.is_file():
         raise ConfigError(f"{path}: suite file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise _yaml_error(path, exc) from None
     suite = parse_suite(data, where=str(path))
     # a relative dataset path is relative to the suite file, not to wherever the command was started
     if suite.dataset.path is not None and not suite.dataset.path.is_absolute():
         dataset = dataclasses.replace(suite.dataset, path=(path.parent / suite.dataset.path).resolve())
         suite = dataclasses.replace(suite, dataset=dataset)
+    check_dataset(suite, str(path))
     return suite
 
 

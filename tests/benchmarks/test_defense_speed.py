@@ -9,8 +9,9 @@ group, so pytest-benchmark's table puts them side by side::
 
     python -m pytest tests/benchmarks/test_defense_speed.py --benchmark-only
 
-Each target synchronises CUDA before returning; the device, the batch, the steps and the torch threads
-are added to the machine info.
+Each benchmark is ``benchmark.pedantic`` with one warm-up round and one call per round; each target
+synchronises CUDA before returning. The device, the batch, the steps and the torch threads go to each
+benchmark's ``extra_info``; ``conftest.py`` adds the torch, CUDA, cuDNN and TF32 details to the machine info.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from cloakbench.attacks.recognizers import RECOGNIZERS
 from cloakbench.attacks.recognizers.base import TorchRecognizer
+from cloakbench.bench.timing import synchronize
 from cloakbench.datasets import load_images, scan_folder
 from cloakbench.defenses import DEFENSES
 from cloakbench.defenses.pgd import PGD
@@ -56,8 +58,7 @@ class CosineLogits(nn.Module):
 
 
 def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    synchronize(torch.device(DEVICE))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
 """Throughput benchmarks (pytest-benchmark): embedding, one PGD step, JPEG.
 
 Run alone with ``python -m pytest tests/benchmarks --benchmark-only``; numbers go to pytest-benchmark's
-table (and ``--benchmark-json FILE``). Each target synchronises CUDA before returning, so GPU time is
-measured, not kernel-launch time; the device and, on GPU, its name are added to the machine info.
+table (and ``--benchmark-json FILE``). Every benchmark is ``benchmark.pedantic`` with explicit warm-up
+rounds and one call per round, and each target synchronises CUDA before returning, so GPU time is measured,
+not kernel-launch time. ``conftest.py`` adds the torch, CUDA, cuDNN and TF32 details to the machine info;
+the device and batch go to each benchmark's ``extra_info``. Plain ``python -m pytest`` runs each target once
+as a test. ``cloakbench bench`` is the same method outside pytest (median and IQR, profiler, peak memory).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer
 from cloakbench.attacks.transforms import TRANSFORMS
+from cloakbench.bench.timing import synchronize
 from cloakbench.defenses import DEFENSES
 from cloakbench.images import load_image, stack_images
 
@@ -23,8 +27,7 @@ BATCH = 32
 
 
 def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    synchronize(torch.device(DEVICE))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,12 @@ def test_pgd_step_throughput(benchmark: Any, faces: torch.Tensor, sface: Recogni
 
 
 def test_jpeg_throughput(benchmark: Any, faces: torch.Tensor) -> None:
-    jpeg = TRANSFORMS.create("jpeg", quality=75)
-    out = benchmark.pedantic(lambda: jpeg.apply(faces, generator=torch.Generator()), rounds=5, warmup_rounds=1)
+    jpeg = TRANSFORMS.create("jpeg", quality=75)  # libjpeg on the CPU: nothing queued on a GPU, the sync is free
+
+    def target() -> torch.Tensor:
+        out = jpeg.apply(faces, generator=torch.Generator().manual_seed(0))
+        _sync()
+        return out
+
+    out = benchmark.pedantic(target, rounds=5, warmup_rounds=1, iterations=1)
     assert out.shape == faces.shape

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cloakbench.attacks.adaptation.base import CheckpointStore
-from cloakbench.cache import atomic_path, cache_dir
+from cloakbench.cache import atomic_path, cache_dir, touch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class FileCheckpoints(CheckpointStore):
             self.misses += 1
             return None
         self.hits += 1
+        touch(path)  # last use, for pruning least recently used checkpoints (cloakbench cache prune)
         return dict(state)
 
     def save(self, key: str, state: dict[str, torch.Tensor]) -> None:

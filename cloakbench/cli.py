@@ -81,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "tasks": {"total": outcome.tasks_total, "already_done": outcome.tasks_skipped, "run": outcome.tasks_run,
                       "failed": outcome.tasks_failed},
             "cells_failed": failed, "seconds": outcome.seconds, "stage_seconds": outcome.stage_seconds,
-            "summary": clean,
+            "warnings": outcome.warnings, "summary": clean,
         }  # fmt: skip
         json.dump(payload, sys.stdout, indent=2)
         sys.stdout.write("\n")

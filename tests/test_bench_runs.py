@@ -95,7 +95,7 @@ def uninterrupted(celeb24_root: Path, tmp_path_factory: pytest.TempPathFactory) 
         else:
             os.environ["CLOAKBENCH_CACHE"] = env_before
     assert code == EXIT_OK
-    return {"suite": suite, "tables": exported(root / "run", root / "export")}
+    return {"suite": suite, "tables": exported(root / "run", root / "export"), "out": root / "run", "cache": cache}
 
 
 def _committed(store: Path) -> int:
@@ -232,3 +232,15 @@ def test_ray_on_a_local_cluster_gives_the_in_process_rows(
             assert a.keys() == b.keys()
             diff = {k: (a[k], b[k]) for k in a if not close(a[k], b[k], 1e-6)}
             assert not diff, (table, diff)
+
+
+def test_resuming_with_other_code_warns(
+    uninterrupted: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cloakbench.bench import metadata
+
+    monkeypatch.setattr(metadata, "git_state", lambda: {"commit": "0" * 40, "dirty": False})
+    args = ["run", str(uninterrupted["suite"]), "--out", str(uninterrupted["out"]), "--quiet"]
+    with caplog.at_level("WARNING", logger="cloakbench.bench.executors"):
+        assert run_cli(args, uninterrupted["cache"], monkeypatch) == EXIT_OK  # nothing left to do
+    assert any("earlier attempts at this run used another cloakbench" in r.message for r in caplog.records)

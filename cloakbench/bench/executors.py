@@ -191,6 +191,26 @@ class RunOutcome:
     seconds: float
     attempt: int
     stage_seconds: dict[str, float] = field(default_factory=dict)  # this attempt's tasks, summed per stage
+    warnings: list[str] = field(default_factory=list)
+
+
+def _code_changes(attempts: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """A warning when the store's earlier attempts ran another cloakbench (git commit, dirty tree or version):
+    the suite digest pins the config, not the code, and a resume would mix rows of two code versions."""
+
+    def version(m: dict[str, Any]) -> tuple[Any, Any, Any]:
+        git = m.get("git") or {}
+        return git.get("commit"), git.get("dirty"), (m.get("packages") or {}).get("cloakbench")
+
+    now = version(meta)
+    before = {version(a["metadata"]) for a in attempts}
+    others = sorted(str(v) for v in before if v != now)
+    if not others:
+        return []
+    return [
+        f"earlier attempts at this run used another cloakbench (commit, dirty, version: {'; '.join(others)}; now "
+        f"{now}); the rows already stored are kept, so the results mix two code versions (--fresh starts over)"
+    ]
 
 
 def run_into_store(
@@ -216,6 +236,9 @@ def run_into_store(
         device = resolve_device(suite.device)
         meta = metadata.collect(device, onnx_providers={})
         meta["executor"] = executor.name
+        warnings = _code_changes(store.attempts(), meta) if resumed else []
+        for w in warnings:
+            log.warning("%s: %s", out_dir, w)
         attempt = store.start_attempt(executor=executor.name, metadata=meta)
         done = len(tasks) - len(todo)
         stats = {"run": 0, "failed": 0}
@@ -258,7 +281,7 @@ def run_into_store(
         return RunOutcome(
             result=result, store_path=store.path, resumed=resumed, tasks_total=len(tasks),
             tasks_skipped=len(tasks) - len(todo), tasks_run=stats["run"], tasks_failed=stats["failed"],
-            seconds=seconds, attempt=attempt, stage_seconds=stages,
+            seconds=seconds, attempt=attempt, stage_seconds=stages, warnings=warnings,
         )  # fmt: skip
     finally:
         store.close()

@@ -229,6 +229,7 @@ def run_into_store(
         resumed = not store.bind_suite(suite.to_dict(), suite_digest(suite))
         store.put("alignment", layout.alignment)
         tasks = plan_tasks(suite)
+        store.put("plan", [t.key for t in tasks])  # the row order of exports (no need to re-read the suite)
         states = store.task_states()
         todo = [t for t in tasks if states.get(t.key) != "ok"]
         if resumed:

@@ -17,7 +17,7 @@ from typing import Any
 
 from cloakbench.bench.plan import plan_tasks
 from cloakbench.bench.store import STORE_FILE, TABLES, ResultsStore
-from cloakbench.bench.suite import Suite, parse_suite
+from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_path, atomic_write_text
 from cloakbench.errors import ConfigError
 
@@ -44,10 +44,10 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def ordered_rows(store: ResultsStore, table: str, suite: Suite | None = None) -> list[dict[str, Any]]:
     """Rows of a row table (with their ``task_key``) in the suite's task order, then commit order: a run spread
-    over Ray workers or resumed three times reads back in the order of one uninterrupted run."""
-    if suite is None:
-        suite = parse_suite(store.get("suite"), where=str(store.path))
-    order = {t.key: i for i, t in enumerate(plan_tasks(suite))}
+    over Ray workers or resumed three times reads back in the order of one uninterrupted run. The order is the
+    plan the store recorded when ``suite`` is not given (the dataset need not exist any more to export)."""
+    keys = [t.key for t in plan_tasks(suite)] if suite is not None else (store.get("plan") or [])
+    order = {k: i for i, k in enumerate(keys)}
     rows = store.rows(table, with_task=True)
     rows.sort(key=lambda r: order.get(r["task_key"], len(order)))
     return rows

@@ -453,9 +453,10 @@ class CellWorker:
             return (task.subject,)
         return (next(s for s in self.suite.services if s.label == task.subject).backend,)
 
-    def cloaks(self, seed: int) -> dict[str, _Cloaks]:
-        """Every defense's cloaks for ``seed`` (from the artifact cache when the cloak tasks ran); the worker
-        keeps one seed at a time."""
+    def cloaks(self, seed: int, clock: StageClock | None = None) -> dict[str, _Cloaks]:
+        """Every defense's cloaks for ``seed`` (from the artifact cache when the cloak tasks ran; a cloak that is
+        not there is made again and its time charged to ``clock``'s cloaking stage); the worker keeps one seed
+        at a time."""
         if self._cloaks is None or self._cloaks[0] != seed:
             self._cloaks = (seed, {})
         memo = self._cloaks[1]
@@ -464,7 +465,7 @@ class CellWorker:
                 try:
                     memo[spec.label] = cloak_all(
                         self.suite, self.data, spec, seed, self.models, self.cache, progress=self.progress,
-                        quality_rows=None,
+                        quality_rows=None, clock=clock,
                     )  # fmt: skip
                 except Exception as exc:
                     log.error("defense %s failed: %s", spec.label, exc)
@@ -489,7 +490,7 @@ class CellWorker:
 
     def _evaluate(self, task: Task, result: TaskResult, clock: StageClock) -> None:
         cm = next(c for c in self.suite.countermeasures if c.label == task.countermeasure)
-        cloaks = self.cloaks(task.seed)
+        cloaks = self.cloaks(task.seed, clock)
         ctx = _Context(
             suite=self.suite, data=self.data, seed=task.seed, models=self.models, cache=self.cache,
             checkpoints=self.checkpoints, cloaks=cloaks, progress=self.progress, clock=clock,
@@ -502,7 +503,7 @@ class CellWorker:
 
         svc = next(s for s in self.suite.services if s.label == task.subject)
         cm = next(c for c in self.suite.countermeasures if c.label == task.countermeasure)
-        cloaks = self.cloaks(task.seed)
+        cloaks = self.cloaks(task.seed, clock)
         with clock.stage("service"):
             result.summary, result.queries, result.service_usage = evaluate_service(
                 self.suite, self.data, task.seed, svc, self.models.get(svc.backend), cm, cloaks

@@ -106,7 +106,12 @@ def _dry_run(suite: Any, out_dir: Path, args: argparse.Namespace) -> int:
     layout = load_layout(suite)
     done: dict[str, str] = {}
     if (out_dir / STORE_FILE).is_file():
+        from cloakbench.bench.executors import suite_digest
+
         with ResultsStore.in_folder(out_dir) as store:
+            stored = store.get("suite_digest")
+            if stored is not None and stored != suite_digest(suite):
+                store.bind_suite(suite.to_dict(), suite_digest(suite))  # raises what `run` would say
             done = store.task_states()
     rows = describe(suite, plan_tasks(suite), layout.shape, done)
     cells = sum(r["cells"] for r in rows)

@@ -244,3 +244,39 @@ def test_resuming_with_other_code_warns(
     with caplog.at_level("WARNING", logger="cloakbench.bench.executors"):
         assert run_cli(args, uninterrupted["cache"], monkeypatch) == EXIT_OK  # nothing left to do
     assert any("earlier attempts at this run used another cloakbench" in r.message for r in caplog.records)
+
+
+def test_dry_run_lists_tasks_and_cells_and_runs_nothing(
+    uninterrupted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    fresh = tmp_path / "never"
+    assert run_cli(["run", str(uninterrupted["suite"]), "--out", str(fresh), "--dry-run", "--json"],
+                   uninterrupted["cache"], monkeypatch) == EXIT_OK  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    assert not fresh.exists()
+    assert [t["task"] for t in plan["tasks"]] == [
+        "cloak/0/pgd", "cloak/0/noise", "evaluate/0/sface/none", "evaluate/0/sface/jpeg-75", "evaluate/0/sface/blur-1"
+    ]  # fmt: skip
+    assert plan["cells"] == len(uninterrupted["tables"]["cells"]) == 12  # 3 countermeasures x 2 classifiers x 2
+    assert {t["state"] for t in plan["tasks"]} == {"to do"}
+    assert plan["tasks"][0]["work"] == "cloak 8 photos of 2 protected identities with pgd (surrogates: sface)"
+    assert len(uninterrupted["tables"]["cloaks"]) == 2 * 8  # what the run then cloaked: 8 photos per defense
+    args = ["run", str(uninterrupted["suite"]), "--out", str(uninterrupted["out"]), "--dry-run", "--json"]
+    assert run_cli(args, uninterrupted["cache"], monkeypatch) == EXIT_OK
+    assert {t["state"] for t in json.loads(capsys.readouterr().out)["tasks"]} == {"ok"}
+
+
+def test_parquet_export_keeps_types_and_rows(uninterrupted: dict[str, Any], tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    export_store(uninterrupted["out"], tmp_path, ["parquet"])
+    cells = pq.read_table(tmp_path / "cells.parquet")
+    assert cells.num_rows == len(uninterrupted["tables"]["cells"])
+    assert str(cells.schema.field("oblivious").type) == "bool"
+    assert str(cells.schema.field("protection_rate").type) == "double"
+    assert str(cells.schema.field("n_queries").type) == "int64"
+    queries = pq.read_table(tmp_path / "queries.parquet").to_pylist()
+    assert [str(q["rank"]) for q in queries] == [q["rank"] for q in uninterrupted["tables"]["queries"]]
+    assert pq.read_table(tmp_path / "attempts.parquet").num_rows >= 1

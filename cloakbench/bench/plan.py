@@ -51,6 +51,13 @@ def _is_adaptation(name: str) -> bool:
     return name in ADAPTATIONS
 
 
+def _white_box(recognizer: str) -> bool:
+    """Whether an adaptation can retrain the recognizer (a black box gets skipped cells, without a softmax head)."""
+    from cloakbench.attacks.recognizers import RECOGNIZERS
+
+    return "white-box" in RECOGNIZERS.get(recognizer).meta.tags
+
+
 def plan_tasks(suite: Suite) -> list[Task]:
     """Every task of the suite, in run order: per seed, its cloak tasks, then evaluate, then service tasks."""
     tasks: list[Task] = []
@@ -78,7 +85,7 @@ def cells_of(suite: Suite, task: Task) -> int:
     trackers = len(suite.classifiers) if Protocol.POISONING in suite.protocols else 0
     trackers += 1 if Protocol.EVASION in suite.protocols else 0
     cm = next(c for c in suite.countermeasures if c.label == task.countermeasure)
-    if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols:
+    if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols and _white_box(task.subject):
         from cloakbench.attacks.adaptation import ADAPTATIONS, TrainingData
 
         if ADAPTATIONS.get(cm.name).create(**dict(cm.params)).training_data is TrainingData.ENROLLMENT:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -198,9 +199,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    # token authentication (Ray's default once ~/.ray/auth_token exists) for the head and for our driver; Ray
-    # reads the mode when it is first imported
+    # token authentication (Ray's default once ~/.ray/auth_token exists) with a token of this test's own, for the
+    # head (`ray start` inherits the environment) and for our driver; Ray reads both when it is first imported
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     pytest.importorskip("ray", reason="Ray is part of the test dependencies (scripts/install.sh --test)")
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port = _free_port()
@@ -211,7 +213,7 @@ def ray_cluster() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
-        del os.environ["RAY_AUTH_MODE"]
+        del os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"]
 
 
 def test_ray_on_a_local_cluster_gives_the_in_process_rows(

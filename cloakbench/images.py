@@ -10,6 +10,7 @@ truncation would bias every pixel down by half a level and shift budgets.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,3 +103,16 @@ def save_uint8_png(array: np.ndarray, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] as lossless PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes back to uint8 [H, W, 3] RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))

@@ -32,9 +32,10 @@ from cloakbench.bench.runner import (
     CellWorker,
     RunResult,
     TaskResult,
-    choose_protected,
     load_suite_data,
     resolve_device,
+    seed_timings,
+    split_layout,
 )
 from cloakbench.bench.store import ResultsStore
 from cloakbench.bench.suite import Suite
@@ -163,18 +164,10 @@ class Layout:
 def load_layout(suite: Suite) -> Layout:
     manifest, alignment = load_suite_data(suite)
     splits = split_per_identity(manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
-    train: dict[str, int] = {}
-    query: dict[str, int] = {}
-    for rec in manifest.records:
-        target = train if splits[rec.image_id] is Split.TRAIN else query
-        target[rec.identity] = target.get(rec.identity, 0) + 1
-        train.setdefault(rec.identity, 0)
-        query.setdefault(rec.identity, 0)
-    eligible = [i for i in sorted(train) if train[i] and query[i]]
-    protected = choose_protected(suite, manifest, eligible)
+    train, query, protected = split_layout(suite, manifest, splits)
     shape = DataShape(
-        identities=len(train), images=len(manifest.records), protected=protected, train_photos=train,
-        query_photos=query,
+        identities=len(train), images=len(manifest.records), protected=protected,
+        train_photos={k: len(v) for k, v in train.items()}, query_photos={k: len(v) for k, v in query.items()},
     )  # fmt: skip
     return Layout(manifest=manifest, splits=splits, alignment=alignment, shape=shape)
 
@@ -303,10 +296,7 @@ def result_from_store(store: ResultsStore, suite: Suite, layout: Layout) -> RunR
         return [{k: v for k, v in r.items() if k != "task_key"} for r in ordered_rows(store, table, suite)]
 
     tasks = store.rows("tasks")
-    timings: dict[str, float] = {}
-    for t in tasks:
-        name = f"{'cloak' if t['kind'] == TaskKind.CLOAK.value else 'evaluate'}_s_seed{t['seed']}"
-        timings[name] = timings.get(name, 0.0) + float(t["seconds"])
+    timings = seed_timings((t["kind"], int(t["seed"]), float(t["seconds"])) for t in tasks)
     by_key = {t["task_key"]: t for t in tasks}
     usage = {
         f"{by_key[k]['subject']}/{by_key[k]['countermeasure']}/seed{by_key[k]['seed']}": v

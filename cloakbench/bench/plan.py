@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloakbench.bench.suite import Protocol, ServiceKind, Suite
+from cloakbench.bench.suite import Protocol, Suite
 
 
 class TaskKind(enum.Enum):
@@ -80,8 +80,7 @@ def cells_of(suite: Suite, task: Task) -> int:
         return 0
     if task.kind is TaskKind.SERVICE:
         svc = next(s for s in suite.services if s.label == task.subject)
-        protocols = 1 if svc.kind is ServiceKind.AZURE else len(suite.protocols)
-        return protocols * len(suite.defenses)
+        return len(suite.service_protocols(svc)) * len(suite.defenses)
     trackers = len(suite.classifiers) if Protocol.POISONING in suite.protocols else 0
     trackers += 1 if Protocol.EVASION in suite.protocols else 0
     cm = next(c for c in suite.countermeasures if c.label == task.countermeasure)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ from cloakbench.defenses import DEFENSES, quality_report
 from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
-from cloakbench.images import from_uint8, to_uint8
+from cloakbench.images import decode_png, encode_png, from_uint8, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +155,10 @@ def cap_per_identity(manifest: Manifest, limit: int, *, seed: int) -> Manifest:
     return dataclasses.replace(manifest, records=tuple(sorted(kept, key=lambda r: r.image_id)))
 
 
-def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
-    splits = split_per_identity(manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
-    images = load_images(manifest.records)
-    labels = tuple(r.identity for r in manifest.records)
+def split_layout(
+    suite: Suite, manifest: Manifest, splits: dict[str, Split]
+) -> tuple[dict[str, list[int]], dict[str, list[int]], tuple[str, ...]]:
+    """Per identity, the manifest indices of its enrollment and query photos, and the protected identities."""
     train: dict[str, list[int]] = {}
     query: dict[str, list[int]] = {}
     for i, rec in enumerate(manifest.records):
@@ -170,7 +169,14 @@ def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
     eligible = [ident for ident in sorted(train) if train[ident] and query[ident]]
     if len(eligible) < 2:
         raise DatasetError(f"{manifest.root}: need at least 2 identities with 2+ photos, found {len(eligible)}")
-    protected = choose_protected(suite, manifest, eligible)
+    return train, query, choose_protected(suite, manifest, eligible)
+
+
+def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
+    splits = split_per_identity(manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
+    images = load_images(manifest.records)
+    labels = tuple(r.identity for r in manifest.records)
+    train, query, protected = split_layout(suite, manifest, splits)
     return PreparedData(
         manifest=manifest,
         images=images,
@@ -306,16 +312,7 @@ def _seconds_array(measured: list[float]) -> np.ndarray:
 
 def png_round_trip(images: np.ndarray) -> np.ndarray:
     """Save every cloaked photo as a real PNG and read it back: what a tracker scrapes is the file."""
-    from PIL import Image
-
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        buf.seek(0)
-        with Image.open(buf) as decoded:
-            out[i] = np.asarray(decoded.convert("RGB"))
-    return out
+    return np.stack([decode_png(encode_png(img)) for img in images]) if len(images) else images.copy()
 
 
 def dataset_target_pool(data: PreparedData) -> PublicFaces:
@@ -446,6 +443,12 @@ class CellWorker:
         result.onnx_providers = self.models.onnx_providers()
         return result
 
+    def _memo(self, seed: int) -> dict[str, _Cloaks]:
+        """The cloaks kept for ``seed`` (a new seed drops the previous one's)."""
+        if self._cloaks is None or self._cloaks[0] != seed:
+            self._cloaks = (seed, {})
+        return self._cloaks[1]
+
     def _models_of(self, task: Task) -> tuple[str, ...]:
         if task.kind is TaskKind.CLOAK:
             return next(d for d in self.suite.defenses if d.label == task.subject).surrogates
@@ -457,9 +460,7 @@ class CellWorker:
         """Every defense's cloaks for ``seed`` (from the artifact cache when the cloak tasks ran; a cloak that is
         not there is made again and its time charged to ``clock``'s cloaking stage); the worker keeps one seed
         at a time."""
-        if self._cloaks is None or self._cloaks[0] != seed:
-            self._cloaks = (seed, {})
-        memo = self._cloaks[1]
+        memo = self._memo(seed)
         for spec in self.suite.defenses:
             if spec.label not in memo:
                 try:
@@ -474,17 +475,16 @@ class CellWorker:
 
     def _cloak(self, task: Task, result: TaskResult, clock: StageClock) -> None:
         spec = next(d for d in self.suite.defenses if d.label == task.subject)
-        if self._cloaks is None or self._cloaks[0] != task.seed:
-            self._cloaks = (task.seed, {})
+        memo = self._memo(task.seed)
         try:
             cl = cloak_all(
                 self.suite, self.data, spec, task.seed, self.models, self.cache, progress=self.progress,
                 quality_rows=result.cloaks, clock=clock,
             )  # fmt: skip
         except Exception as exc:
-            self._cloaks[1][spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
+            memo[spec.label] = _Cloaks(images={}, key={}, seconds_per_image=None, error=_error_text(exc))
             raise
-        self._cloaks[1][spec.label] = cl
+        memo[spec.label] = cl
         if task.seed == self.suite.seeds[0]:
             result.grids = _grids(self.data, {spec.label: cl})
 
@@ -520,12 +520,20 @@ class CellWorker:
                 for t in _trackers(suite)
             ]
         svc = next(s for s in suite.services if s.label == task.subject)
-        protocols = [p.value for p in suite.protocols] if svc.kind.value == "rekognition" else ["poisoning"]
         return [
-            _failed_row(seed, p, d.label, task.subject, task.countermeasure, "service", error)
+            _failed_row(seed, p.value, d.label, task.subject, task.countermeasure, "service", error)
             for d in suite.defenses
-            for p in protocols
+            for p in suite.service_protocols(svc)
         ]
+
+
+def seed_timings(tasks: Iterable[tuple[str, int, float]]) -> dict[str, float]:
+    """Seconds of (task kind, seed, seconds) summed into ``cloak_s_seed<N>`` and ``evaluate_s_seed<N>`` (pure)."""
+    out: dict[str, float] = {}
+    for kind, seed, seconds in tasks:
+        name = f"{'cloak' if kind == TaskKind.CLOAK.value else 'evaluate'}_s_seed{seed}"
+        out[name] = out.get(name, 0.0) + seconds
+    return out
 
 
 def assemble(
@@ -534,10 +542,7 @@ def assemble(
 ) -> RunResult:  # fmt: skip
     """A :class:`RunResult` from task results (in plan order)."""
     manifest, splits, alignment = worker_data
-    timings: dict[str, float] = {"data_s": data_seconds}
-    for r in results:
-        name = f"{'cloak' if r.task.kind is TaskKind.CLOAK else 'evaluate'}_s_seed{r.task.seed}"
-        timings[name] = timings.get(name, 0.0) + r.seconds
+    timings = {"data_s": data_seconds, **seed_timings((r.task.kind.value, r.task.seed, r.seconds) for r in results)}
     timings["total_s"] = total_seconds if total_seconds is not None else data_seconds + sum(r.seconds for r in results)
     providers: dict[str, list[str]] = {}
     grids: dict[str, np.ndarray] = {}

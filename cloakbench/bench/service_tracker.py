@@ -177,7 +177,7 @@ def evaluate_service(
         }
         clean_all_id = float(topk_correct(np.concatenate([c[0] for c in clean.values()]), 1).mean())
         clean_all_face = float(topk_correct(np.concatenate([c[1] for c in clean.values()]), 1).mean())
-        protocols = [Protocol.POISONING] if spec.kind is ServiceKind.AZURE else list(suite.protocols)
+        protocols = list(suite.service_protocols(spec))
         for d in suite.defenses:
             cl = cloaks[d.label]
             cells = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -24,11 +23,12 @@ import socket
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from cloakbench.errors import ConfigError
+from cloakbench.images import decode_png, encode_png
 
 STORE_FILE = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -110,7 +110,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _encode(value: Any, kind: str, where: str) -> Any:
+def _encode(value: Any, kind: str) -> Any:
     if value is None:
         return None
     if kind == "BOOL":
@@ -131,23 +131,12 @@ def _decode(value: Any, kind: str, column: str) -> Any:
     return value
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+S = TypeVar("S", bound="SqliteFile")
 
 
-def png_array(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-class ResultsStore:
-    """The SQLite results store of one results folder. Open one per process (connections are not shared)."""
+class SqliteFile:
+    """An SQLite file opened for one process: WAL journal, a busy timeout (a second writer waits), explicit
+    ``BEGIN IMMEDIATE`` transactions. The results store and the bench tables share it."""
 
     def __init__(self, path: Path, *, timeout_s: float = 120.0) -> None:
         self.path = path
@@ -156,22 +145,11 @@ class ResultsStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process never loses a commit
         self._db.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-        self._db.executescript(
-            "BEGIN IMMEDIATE;\n" + _schema() + ";\n"
-            f"INSERT OR IGNORE INTO run VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
-        )
-        version = self.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"{path}: results store schema version {version}, this cloakbench reads {SCHEMA_VERSION}")
-
-    @classmethod
-    def in_folder(cls, folder: Path) -> ResultsStore:
-        return cls(folder / STORE_FILE)
 
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> ResultsStore:
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,6 +164,24 @@ class ResultsStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+class ResultsStore(SqliteFile):
+    """The SQLite results store of one results folder. Open one per process (connections are not shared)."""
+
+    def __init__(self, path: Path, *, timeout_s: float = 120.0) -> None:
+        super().__init__(path, timeout_s=timeout_s)
+        self._db.executescript(
+            "BEGIN IMMEDIATE;\n" + _schema() + ";\n"
+            f"INSERT OR IGNORE INTO run VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
+        )
+        version = self.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"{path}: results store schema version {version}, this cloakbench reads {SCHEMA_VERSION}")
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> ResultsStore:
+        return cls(folder / STORE_FILE)
 
     # -- the run: which suite this folder holds, and every attempt at it --------------------------------
 
@@ -278,7 +274,7 @@ class ResultsStore:
             )
             db.executemany(
                 "INSERT OR REPLACE INTO grids VALUES (?, ?, ?)",
-                [(key, label, png_bytes(img)) for label, img in sorted(result.grids.items())],
+                [(key, label, encode_png(img)) for label, img in sorted(result.grids.items())],
             )
             db.execute(
                 "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -300,7 +296,7 @@ class ResultsStore:
         marks = ", ".join("?" for _ in range(len(columns) + 1))
         db.executemany(
             f"INSERT INTO {table} (task_key, {names}) VALUES ({marks})",
-            [(key, *(_encode(r.get(c), t, f"{table}.{c}") for c, t in columns.items())) for r in rows],
+            [(key, *(_encode(r.get(c), t) for c, t in columns.items())) for r in rows],
         )
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -324,7 +320,7 @@ class ResultsStore:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def grids(self) -> dict[str, np.ndarray]:
-        return {label: png_array(blob) for label, blob in self._db.execute("SELECT defense, png FROM grids")}
+        return {label: decode_png(blob) for label, blob in self._db.execute("SELECT defense, png FROM grids")}
 
     def service_usage(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

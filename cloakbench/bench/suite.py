@@ -196,6 +196,10 @@ class Suite:
         require(len(self.protocols) >= 1, "protocols: at least one protocol is needed")
         require(len(set(self.protocols)) == len(self.protocols), "protocols: values repeat")
 
+    def service_protocols(self, service: ServiceSpec) -> tuple[Protocol, ...]:
+        """The protocols a service runs: the suite's for rekognition; poisoning only for azure (no gallery search)."""
+        return (Protocol.POISONING,) if service.kind is ServiceKind.AZURE else self.protocols
+
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)
         return plain

@@ -34,7 +34,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import sqlite3
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import torch
 from cloakbench.attacks.recognizers import RECOGNIZERS
 from cloakbench.bench import metadata
 from cloakbench.bench.runner import ModelPool, resolve_device
+from cloakbench.bench.store import SqliteFile
 from cloakbench.bench.timing import PeakMemory, measure, per_item, run_with_oom_retry, top_kernels
 from cloakbench.cache import atomic_write_text
 from cloakbench.errors import ConfigError
@@ -295,15 +295,11 @@ def time_target(
     return row, kernel_rows
 
 
-class BenchStore:
+class BenchStore(SqliteFile):
     """The ``bench_*`` tables of ``<out>/results.sqlite`` (WAL; one transaction per write)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        super().__init__(path, timeout_s=60.0)
         timing_cols = ", ".join(f"{k} {v}" for k, v in TIMING_COLUMNS.items())
         kernel_cols = ", ".join(f"{k} {v}" for k, v in KERNEL_COLUMNS.items())
         self._db.executescript(
@@ -315,15 +311,6 @@ class BenchStore:
             "COMMIT;"
         )
 
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> BenchStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
         marks = ", ".join("?" for _ in columns)
         self._db.executemany(
@@ -331,25 +318,15 @@ class BenchStore:
         )
 
     def write_metadata(self, run_id: str, values: Mapping[str, Any]) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             rows = [{"run_id": run_id, "key": k, "value": json.dumps(v, default=str)} for k, v in values.items()]
             self._insert("bench_metadata", ["run_id", "key", "value"], rows)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def write_target(self, row: Mapping[str, Any], kernels: Sequence[Mapping[str, Any]]) -> None:
         """A target's row and its kernel rows, in one transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._insert("bench_timings", list(TIMING_COLUMNS), [row])
             self._insert("bench_kernels", list(KERNEL_COLUMNS), kernels)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
 
 def _fmt_rate(value: float | None, iqr: float | None) -> tuple[str, str]:

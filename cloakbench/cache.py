@@ -31,11 +31,22 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; put back at once (module import is single-threaded)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success it is renamed onto ``final``."""
+    """Yield a temporary path beside ``final``; on success it is renamed onto ``final``. The file gets the mode a
+    plain ``open(..., "w")`` would give it (mkstemp's 0600 would hide reports and run folders from other users)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -1,4 +1,4 @@
-"""Command-line interface: ``cloakbench run | export | list | validate | protect | cache | bench``.
+"""Command-line interface: ``cloakbench run | export | report | list | validate | protect | cache | bench``.
 
 Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
 2 bad input (suite, dataset, arguments); 3 a required file could not be fetched; 130 interrupted (the
@@ -149,6 +149,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for path in written:
             sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cloakbench.reports.build import FORMATS, parse_list, write_report
+    from cloakbench.reports.figures import FIGURE_FORMATS
+
+    formats = parse_list(args.format, FORMATS, "--format")
+    figure_formats = parse_list(args.figures, FIGURE_FORMATS, "--figures")
+    results = Path(args.results)
+    out = write_report(results, Path(args.out) if args.out else None, formats=formats, figure_formats=figure_formats)
+    if args.json:
+        payload = {"folder": str(out.folder), "tables": out.tables, "figures": out.figures,
+                   "files": [str(p) for p in out.files]}  # fmt: skip
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        html = out.folder / "report.html"
+        sys.stdout.write(
+            f"{len(out.tables)} tables, {len(out.figures)} figures, {len(out.files)} files in {out.folder}"
+            + (f"\nopen {html}" if html in out.files else "")
+            + "\n"
+        )
     return EXIT_OK
 
 
@@ -354,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp_mode.add_argument("--quiet", action="store_true")
     exp_mode.add_argument("--json", action="store_true", help="print the written files as JSON")
     exp.set_defaults(func=_cmd_export)
+
+    rep = sub.add_parser(
+        "report", help="tables, figures and a self-contained HTML page of a stored run (no model work)"
+    )
+    rep.add_argument("results", help="a results folder (or its results.sqlite)")
+    rep.add_argument(
+        "--format", default="md,latex,csv,html", help="comma-separated: md, latex, csv, html (default: %(default)s)"
+    )
+    rep.add_argument(
+        "--figures", default="pdf,svg,png", help="figure files: pdf, svg, png, or none (default: %(default)s)"
+    )
+    rep.add_argument("--out", help="folder for the report (default: <results>/report)")
+    rep_mode = rep.add_mutually_exclusive_group()
+    rep_mode.add_argument("--quiet", action="store_true")
+    rep_mode.add_argument("--json", action="store_true", help="print the written files as JSON")
+    rep.set_defaults(func=_cmd_report)
 
     lst = sub.add_parser("list", help="list registered components")
     lst.add_argument(

@@ -10,7 +10,6 @@ truncation would bias every pixel down by half a level and shift budgets.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,24 +94,3 @@ def save_png(image: torch.Tensor, path: Path) -> None:
         image = image[None]
     check_images(image, what=str(path))
     Image.fromarray(to_uint8(image)[0]).save(path, format="PNG")
-
-
-def save_uint8_png(array: np.ndarray, path: Path) -> None:
-    """Write uint8 [H, W, 3] as a lossless PNG, atomically (a temporary file renamed onto ``path``)."""
-    from cloakbench.cache import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] as lossless PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes back to uint8 [H, W, 3] RGB."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from cloakbench.errors import ConfigError, DatasetError
-from cloakbench.images import save_uint8_png
+from cloakbench.png import save_uint8_png
 
 if TYPE_CHECKING:
     from cloakbench.datasets import FaceDetector

@@ -39,3 +39,40 @@ def celeb24_root() -> Path:
             pytrace=False,
         )
     return path
+
+
+NAMES_DATASET_IDENTITIES = ("Barack_Obama", "Daniel_Radcliffe", "Drew_Barrymore", "Gwyneth_Paltrow")
+"""The celeb24 folders :func:`build_names_dataset` copies (8 photos each)."""
+NAMES_DATASET_NAMES = {"Barack_Obama": "<script>alert(1)</script>", "Daniel_Radcliffe": "Dániel Rádcliffe/ダニエル"}
+"""What its names file renames (a script tag; non-ASCII with a '/', which no folder name can hold); the
+other two folders keep their names."""
+
+
+def build_names_dataset(
+    parent: Path, celeb24: Path, *, identities: tuple[str, ...] = NAMES_DATASET_IDENTITIES, photos: int = 8
+) -> tuple[Path, Path]:
+    """Copy ``photos`` photos of each of ``identities`` from celeb24 into ``parent/faces/<folder>/`` and write
+    ``parent/names.csv`` renaming the folders of :data:`NAMES_DATASET_NAMES` that are copied; returns
+    ``(dataset root, names file)``. Copies, not links: a test may change its copy."""
+    import csv
+    import shutil
+
+    root = parent / "faces"
+    for folder in identities:
+        (root / folder).mkdir(parents=True)
+        for src in sorted((celeb24 / folder).iterdir())[:photos]:
+            shutil.copy2(src, root / folder / src.name)
+    names_csv = parent / "names.csv"
+    with names_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["folder", "name"])
+        writer.writerows([folder, name] for folder, name in NAMES_DATASET_NAMES.items() if folder in identities)
+    return root, names_csv
+
+
+@pytest.fixture(scope="session")
+def names_dataset(tmp_path_factory: pytest.TempPathFactory, celeb24_root: Path) -> tuple[Path, Path]:
+    """``(dataset root, names file)``: 4 celeb24 identities x 8 aligned photos, one folder renamed to
+    ``<script>alert(1)</script>`` and one to a non-ASCII name (see :data:`NAMES_DATASET_NAMES`). Shared by the
+    session: read it, do not change it (copy it with :func:`build_names_dataset` to change it)."""
+    return build_names_dataset(tmp_path_factory.mktemp("names_dataset"), celeb24_root)

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from cloakbench.bench.cache import ArtifactCache
-from cloakbench.bench.output import attach_quality
 from cloakbench.bench.runner import RunResult, run_suite
 from cloakbench.bench.suite import Suite, parse_suite
+from cloakbench.reports.summaries import attach_quality
 
 EPS = 8 / 255
 

@@ -41,7 +41,7 @@ from cloakbench.bench.store import ResultsStore
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import ENV_CACHE, cache_root
 from cloakbench.config import stable_hash
-from cloakbench.datasets import Manifest, Split, split_per_identity
+from cloakbench.datasets import Manifest, Split, read_identity_names, split_per_identity
 from cloakbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,15 @@ class RayExecutor:
 
 
 def suite_digest(suite: Suite) -> str:
-    return stable_hash(suite.to_dict(), length=24)
+    """What a results store is bound to: the resolved suite and, with ``dataset.names``, the names that file
+    gives (it is named by path: rows made under other names must not be resumed into). A suite without
+    ``dataset.names`` keeps the digest it had before that key existed, so its earlier runs still resume."""
+    plain = suite.to_dict()
+    names_file = plain["dataset"].pop("names", None)
+    if names_file is None or suite.dataset.names is None or suite.dataset.path is None:
+        return stable_hash(plain, length=24)
+    names = read_identity_names(suite.dataset.names, suite.dataset.path)
+    return stable_hash(plain, {"names": names_file, "mapping": sorted(names.items())}, length=24)
 
 
 @dataclass

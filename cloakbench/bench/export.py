@@ -13,13 +13,14 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cloakbench.bench.plan import plan_tasks
 from cloakbench.bench.store import STORE_FILE, TABLES, ResultsStore
-from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_path, atomic_write_text
 from cloakbench.errors import ConfigError
+
+if TYPE_CHECKING:  # the suite's module pulls in the registries (torch); reading a store must not
+    from cloakbench.bench.suite import Suite
 
 FORMATS = ("parquet", "csv")
 BOOKKEEPING = ("tasks", "timings", "events", "attempts")
@@ -46,7 +47,12 @@ def ordered_rows(store: ResultsStore, table: str, suite: Suite | None = None) ->
     """Rows of a row table (with their ``task_key``) in the suite's task order, then commit order: a run spread
     over Ray workers or resumed three times reads back in the order of one uninterrupted run. The order is the
     plan the store recorded when ``suite`` is not given (the dataset need not exist any more to export)."""
-    keys = [t.key for t in plan_tasks(suite)] if suite is not None else (store.get("plan") or [])
+    if suite is not None:
+        from cloakbench.bench.plan import plan_tasks
+
+        keys = [t.key for t in plan_tasks(suite)]
+    else:
+        keys = store.get("plan") or []
     order = {k: i for i, k in enumerate(keys)}
     rows = store.rows(table, with_task=True)
     rows.sort(key=lambda r: order.get(r["task_key"], len(order)))

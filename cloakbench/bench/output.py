@@ -23,19 +23,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
-from cloakbench.images import save_uint8_png
+from cloakbench.png import save_uint8_png
+from cloakbench.reports.summaries import attach_quality
 from cloakbench.reports.tables import markdown_summary, oblivious_table, protection_matrices
 from cloakbench.reports.worst_case import markdown_worst_case, worst_case
 
@@ -46,28 +45,6 @@ SUMMARY_COLUMNS = [
     "clean_accuracy_protected", "clean_accuracy_all", "linf_max", "linf_mean", "l2_mean", "psnr_mean",
     "ssim_mean", "dssim_max", "cloak_s_per_image", "note",
 ]  # fmt: skip
-
-
-def attach_quality(summary: Sequence[Mapping[str, Any]], cloaks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Summary rows with the budget each cell's defense actually used (pure)."""
-    groups: dict[tuple[Any, Any], list[Mapping[str, Any]]] = defaultdict(list)
-    for row in cloaks:
-        groups[(row["seed"], row["defense"])].append(row)
-    out = []
-    for row in summary:
-        g = groups.get((row["seed"], row["defense"]), [])
-        extra: dict[str, Any] = {}
-        if g:
-            extra = {
-                "linf_max": max(float(r["linf"]) for r in g),
-                "linf_mean": float(np.mean([r["linf"] for r in g])),
-                "l2_mean": float(np.mean([r["l2"] for r in g])),
-                "psnr_mean": float(np.mean([r["psnr"] for r in g])),
-                "ssim_mean": float(np.mean([r["ssim"] for r in g])),
-                "dssim_max": max(float(r["dssim"]) for r in g),
-            }
-        out.append({**row, **extra})
-    return out
 
 
 def sort_cells(suite: Suite, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

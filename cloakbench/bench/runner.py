@@ -48,12 +48,21 @@ from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, D
 from cloakbench.bench.timing import StageTimer, run_with_oom_retry
 from cloakbench.bench.views import Plain, Retrained, View, make_view_provider
 from cloakbench.config import stable_hash
-from cloakbench.datasets import Manifest, Split, load_images, scan_folder, split_per_identity
+from cloakbench.datasets import (
+    Manifest,
+    Split,
+    load_images,
+    read_identity_names,
+    rename_identities,
+    scan_folder,
+    split_per_identity,
+)
 from cloakbench.defenses import DEFENSES, quality_report
 from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
-from cloakbench.images import decode_png, encode_png, from_uint8, to_uint8
+from cloakbench.images import from_uint8, to_uint8
+from cloakbench.png import decode_png, encode_png
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +117,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_manifest(suite: Suite) -> tuple[Manifest, dict[str, Any] | None]:
-    """The suite's dataset, and the per-photo detection/alignment report when it had to be aligned."""
+    """The suite's dataset, and the per-photo detection/alignment report when it had to be aligned.
+
+    This is where every run gets its manifest: a folder dataset's identities are renamed here by
+    ``dataset.names`` (after alignment, whose folder keeps the source's identity folders; the alignment
+    report's identities too), so the splits, the protected identities, the cache keys and the stored results
+    all see the names."""
     if suite.dataset.source is DatasetSource.DEMO:
         from cloakbench.datasets import demo_dataset
 
         root, report = demo_dataset()
         return scan_folder(root), {"counts": report.counts(), "photos": report.to_json(root)}
-    assert suite.dataset.path is not None
+    source = suite.dataset.path
+    assert source is not None
+    alignment: dict[str, Any] | None = None
     if suite.dataset.align:
         from cloakbench.datasets import align_dataset
 
-        root, report = align_dataset(suite.dataset.path)
-        return scan_folder(root), {"counts": report.counts(), "photos": report.to_json(root)}
-    return scan_folder(suite.dataset.path), None
+        root, report = align_dataset(source)
+        manifest = scan_folder(root)
+        alignment = {"counts": report.counts(), "photos": report.to_json(root)}
+    else:
+        manifest = scan_folder(source)
+    if suite.dataset.names is not None:
+        names = read_identity_names(suite.dataset.names, source)
+        manifest = rename_identities(manifest, names)
+        if alignment is not None:  # the report's source paths keep the folder
+            for photo in alignment["photos"]:
+                photo["identity"] = names.get(photo["identity"], photo["identity"])
+    return manifest, alignment
 
 
 def choose_protected(suite: Suite, manifest: Manifest, eligible: Sequence[str]) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cloakbench.errors import ConfigError
-from cloakbench.images import decode_png, encode_png
+from cloakbench.png import decode_png, encode_png
 
 STORE_FILE = "results.sqlite"
 SCHEMA_VERSION = 1

@@ -4,16 +4,17 @@ A suite names a dataset, the protected identities, and the axes of the grid: def
 surrogates and parameters), recognizers, countermeasures, classifiers and seeds. Every error names the
 file, the key path and the problem. The resolved suite (defaults filled in) is written next to every run.
 :func:`load_suite` also rejects a key given twice in one mapping (plain YAML keeps the last one silently)
-and, for ``source: folder``, lists the dataset folder (no image is read) to reject a missing folder and
-protected identities that cannot be in it. The full schema is documented in ``docs/suites.md``.
+and, for ``source: folder``, lists the dataset folder (no image is read) to reject a missing folder, a bad
+``dataset.names`` file and protected identities that cannot be in it. The full schema is documented in
+``docs/suites.md``.
 
 Schema (all keys optional unless marked)::
 
     name: quick                      # required
     description: ...
-    dataset: {source: demo | folder, path: DIR, train_fraction: 0.7, split_seed: 10, align: false,
-              max_per_identity: null}
-    protected: {identities: all | [names], count: N}   # one protected identity at a time
+    dataset: {source: demo | folder, path: DIR, names: FILE, train_fraction: 0.7, split_seed: 10, align: false,
+              max_per_identity: null}   # names: CSV 'folder,name' renaming identity folders (folder only)
+    protected: {identities: all | [names], count: N}   # one protected identity at a time (names after renaming)
     defenses:                        # required, >= 1
       - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10},
          robust: {transforms: [none, {name: jpeg, params: {quality: 75}}]}}   # optional: EOT through twins
@@ -71,6 +72,7 @@ class ApplyTo(enum.Enum):
 class DatasetConfig:
     source: DatasetSource = DatasetSource.DEMO
     path: Path | None = None
+    names: Path | None = None  # CSV 'folder,name': identity folder -> identity name (see datasets.folder)
     train_fraction: float = 0.7
     split_seed: int = 10
     align: bool = False  # detect (YuNet, dlib as fallback) and align unaligned photos to 112x112 first
@@ -87,6 +89,7 @@ class DatasetConfig:
             require(self.path is not None, "source 'folder' needs a 'path'")
         else:
             require(self.path is None, "'path' is only for source 'folder'")
+            require(self.names is None, "'names' is only for source 'folder'")
             require(not self.align, "'align' is only for source 'folder' (the demo set is always aligned)")
 
 
@@ -386,11 +389,13 @@ _SHOWN = 20  # identity names listed in an error
 
 
 def check_dataset(suite: Suite, where: str) -> None:
-    """Cheap checks of a ``source: folder`` dataset that parsing cannot do: the folder exists and the protected
-    identities can be in it (their folders exist with 2+ image files; ``count`` is not above the number of such
-    folders). Only names are listed, no image is read, so an error here is certain; a folder that passes can
-    still fail at run time when its images turn out unreadable."""
-    from cloakbench.datasets.folder import list_folder
+    """Cheap checks of a ``source: folder`` dataset that parsing cannot do: the folder exists, the
+    ``dataset.names`` file is valid for it, and the protected identities (names after renaming) can be in it
+    (their folders exist with 2+ image files; ``count`` is not above the number of such folders). Only names
+    are listed, no image is read, so an error here is certain; a folder that passes can still fail at run time
+    when its images turn out unreadable."""
+    from cloakbench.datasets.folder import list_folder, read_identity_names
+    from cloakbench.errors import DatasetError
 
     path = suite.dataset.path
     if suite.dataset.source is not DatasetSource.FOLDER or path is None:
@@ -402,25 +407,42 @@ def check_dataset(suite: Suite, where: str) -> None:
         listing = list_folder(path)
     except OSError as exc:
         raise ConfigError(f"{where}: dataset.path: {path} cannot be listed: {exc}") from None
+    names: dict[str, str] = {}
+    if suite.dataset.names is not None:
+        try:
+            names = read_identity_names(suite.dataset.names, path)
+        except DatasetError as exc:
+            raise ConfigError(f"{where}: dataset.names: {exc}") from None
     photos: dict[str, int] = {}
     for entry in listing.candidates:
-        photos[entry.identity] = photos.get(entry.identity, 0) + 1
+        name = names.get(entry.identity, entry.identity)
+        photos[name] = photos.get(name, 0) + 1
     usable = sorted(name for name, n in photos.items() if n >= 2)
+    identities = {names.get(folder, folder) for folder in listing.identities}
     protected = suite.protected
     if protected.identities != "all":
         for i, name in enumerate(protected.identities):
             if name not in usable:
-                why = "has fewer than 2 image files" if name in listing.identities else "is not an identity folder"
+                if name in identities:
+                    why = f"has fewer than 2 image files in {path}"
+                elif name in names:
+                    why = f"is a folder in {path} that dataset.names renames to {names[name]!r}; use that name"
+                else:
+                    why = f"is not an identity folder in {path}" + (" nor a name from dataset.names" if names else "")
                 shown = ", ".join(usable[:_SHOWN]) + (f", ... ({len(usable)} in all)" if len(usable) > _SHOWN else "")
                 raise ConfigError(
-                    f"{where}: protected.identities[{i}]: {name!r} {why} in {path} "
-                    f"(identities with 2+ photos: {shown or 'none'})"
+                    f"{where}: protected.identities[{i}]: {name!r} {why} (identities with 2+ photos: {shown or 'none'})"
                 )
     elif protected.count is not None and protected.count > len(usable):
         raise ConfigError(
             f"{where}: protected.count: {protected.count} asked for, but {path} has only {len(usable)} identity "
             "folder(s) with 2+ image files"
         )
+
+
+def _beside(suite_file: Path, value: Path | None) -> Path | None:
+    """A relative path from a suite file made absolute against the file's folder."""
+    return (suite_file.parent / value).resolve() if value is not None and not value.is_absolute() else value
 
 
 def load_suite(path: Path) -> Suite:
@@ -432,9 +454,11 @@ def load_suite(path: Path) -> Suite:
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
     suite = parse_suite(data, where=str(path))
-    # a relative dataset path is relative to the suite file, not to wherever the command was started
-    if suite.dataset.path is not None and not suite.dataset.path.is_absolute():
-        dataset = dataclasses.replace(suite.dataset, path=(path.parent / suite.dataset.path).resolve())
+    # relative dataset paths are relative to the suite file, not to wherever the command was started
+    dataset = dataclasses.replace(
+        suite.dataset, path=_beside(path, suite.dataset.path), names=_beside(path, suite.dataset.names)
+    )
+    if dataset != suite.dataset:
         suite = dataclasses.replace(suite, dataset=dataset)
     check_dataset(suite, str(path))
     return suite

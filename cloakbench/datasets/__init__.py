@@ -2,7 +2,8 @@
 
 - :func:`scan_folder` turns any ``root/<identity>/<image>`` folder into a cached :class:`Manifest`
   (bad files become :class:`Problem` entries, never a crash); :func:`load_images` loads records as a
-  canonical float32 ``[B, 3, H, W]`` batch.
+  canonical float32 ``[B, 3, H, W]`` batch; :func:`read_identity_names` and :func:`rename_identities`
+  give identity folders display names (a suite's ``dataset.names``).
 - :func:`split_per_identity` makes the 70/30 train/query split of each identity (DESIGN §4).
 - :class:`YuNetDetector` and :func:`align_face` turn photos into 112x112 ArcFace-aligned faces;
   :func:`align_folder` does it for a whole folder and :func:`demo_dataset` builds the celeb5 demo set.
@@ -29,7 +30,10 @@ from cloakbench.datasets.folder import (
     ImageRecord,
     Manifest,
     Problem,
+    identity_folders,
     load_images,
+    read_identity_names,
+    rename_identities,
     scan_folder,
 )
 from cloakbench.datasets.splits import Split, split_per_identity
@@ -55,7 +59,10 @@ __all__ = [
     "align_face",
     "align_folder",
     "demo_dataset",
+    "identity_folders",
     "load_images",
+    "read_identity_names",
+    "rename_identities",
     "scan_folder",
     "similarity_transform",
     "split_per_identity",

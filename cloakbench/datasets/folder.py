@@ -14,6 +14,21 @@ crashing a benchmark halfway. What counts as a candidate:
 Identity names are whatever the folder names are (they may look like ``../x`` or ``<script>``): they are
 data, never joined onto output paths by this module, and callers must escape them when they render them.
 
+Identity display names (a suite's ``dataset.names: FILE``). Datasets often name their folders by id
+(VGGFace2's ``n000001``, CelebA's numbers), and a real name may hold characters no folder name can (``/``).
+:func:`read_identity_names` reads a UTF-8 CSV file whose header row has the columns ``folder`` and ``name``
+(other columns are ignored; blank lines are skipped; a byte-order mark is allowed), one row per renamed
+identity folder, and :func:`rename_identities` gives each record of a manifest the name of its folder
+(:attr:`ImageRecord.folder`); folders the file does not list keep their folder name. The file is refused,
+with a :class:`DatasetError` naming the file, the line and the value, when it is missing or not UTF-8, when
+its header lacks a column, and for a row whose folder is empty, listed twice or not an identity folder of
+the dataset, or whose name is empty, holds a control character, starts or ends with white space, or is
+also the name of another identity folder (renamed or not: two folders never merge into one identity).
+Image ids keep the folder (``"<folder>/<file>"``). The names are data exactly as folder names are (a name
+such as ``<script>alert(1)</script>`` or ``AC/DC`` is fine): never joined onto paths. Everything keyed by
+identity (splits, protected identities, cloak cache keys) sees the names, and :attr:`Manifest.digest`
+covers them. The file is read again on every call (it is small); only the scan is cached.
+
 The scan result is cached as JSON under ``<cache>/manifests/``, keyed by a hash of the absolute root and
 the sorted ``(relative path, size, mtime_ns)`` of every visible entry, so rescanning an unchanged folder
 only lists and stats it. Any change to a file's size or modification time, or any added, removed or
@@ -33,8 +48,9 @@ import logging
 import os
 import stat
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,12 +81,18 @@ class ImageRecord:
     """One usable image of a dataset."""
 
     image_id: str
-    """``"<identity>/<filename>"``: the POSIX path relative to the dataset root; unique in a manifest."""
+    """``"<folder>/<filename>"``: the POSIX path relative to the dataset root; unique in a manifest."""
     identity: str
+    """The identity's name: its folder name, or the name ``dataset.names`` gives that folder."""
     path: Path
     """Absolute path of the file."""
     sha256: str
     """SHA-256 of the file's bytes, as hashed while scanning."""
+
+    @property
+    def folder(self) -> str:
+        """The identity folder holding the file (the first part of :attr:`image_id`)."""
+        return self.image_id.split("/", 1)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,14 +134,19 @@ class Manifest:
 
     @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 over the sorted ``(image_id, sha256)`` pairs: identifies the content, not the location.
+        """SHA-256 over the sorted ``(image_id, sha256)`` pairs and the renamed identities: identifies the
+        content, not the location.
 
         Each pair contributes ``image_id`` (UTF-8) + NUL + the hex SHA-256 + newline, in ``image_id``
-        order; moving the folder or touching files leaves it unchanged, changing any byte does not.
+        order; moving the folder or touching files leaves it unchanged, changing any byte does not. A record
+        whose identity is not its folder name (renamed by ``dataset.names``) adds NUL + its identity as a JSON
+        string before the newline, so renaming changes the digest and a manifest without renames keeps the
+        digest it always had.
         """
         h = hashlib.sha256()
         for record in self.records:
-            h.update(_encode(record.image_id) + b"\0" + record.sha256.encode("ascii") + b"\n")
+            renamed = b"" if record.identity == record.folder else b"\0" + json.dumps(record.identity).encode("ascii")
+            h.update(_encode(record.image_id) + b"\0" + record.sha256.encode("ascii") + renamed + b"\n")
         return h.hexdigest()
 
     def write_csv(self, path: Path | str, *, splits: Mapping[str, Split] | None = None) -> None:
@@ -388,6 +415,130 @@ def _scan(root: Path, walk: FolderListing) -> Manifest:
     records.sort(key=lambda r: r.image_id)
     problems.sort(key=lambda p: p.path.relative_to(root).as_posix())
     return Manifest(root=root, records=tuple(records), problems=tuple(problems))
+
+
+NAMES_COLUMNS = ("folder", "name")
+"""The columns a ``dataset.names`` file's header row must have (in any order, among others)."""
+
+
+def identity_folders(root: Path | str) -> tuple[str, ...]:
+    """The visible folders directly in ``root`` (its identity folders), sorted; no file is read.
+
+    Raises ``OSError`` when ``root`` cannot be listed.
+    """
+    return tuple(e.name for e in _visible_entries(Path(root)) if e.is_dir())
+
+
+def read_identity_names(path: Path | str, root: Path | str) -> dict[str, str]:
+    """Read a ``dataset.names`` CSV file: identity folder name -> identity name, for the dataset at ``root``.
+
+    See the module docstring for the format and what is refused; every refusal is a one-line
+    :class:`DatasetError` naming ``path``, the line and the value. Only the folder names of ``root`` are
+    listed; no image is read.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DatasetError(f"{file}: identity names file {'is not a file' if file.exists() else 'not found'}")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{file}: cannot read identity names: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(f"{file}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
+    try:
+        folders = frozenset(identity_folders(root))
+    except OSError as exc:
+        raise DatasetError(f"dataset folder {root} cannot be listed: {exc}") from None
+    rows = _names_rows(file, text)
+    names: dict[str, str] = {}
+    line_of: dict[str, int] = {}  # folder -> its row's line
+    owner: dict[str, str] = {}  # name -> the folder given it
+    for line, folder, name in rows:
+        where = f"{file}: line {line}"
+        if not folder:
+            raise DatasetError(f"{where}: empty folder")
+        if folder in line_of:
+            raise DatasetError(f"{where}: folder {folder!r} is listed again (first on line {line_of[folder]})")
+        if folder not in folders:
+            raise DatasetError(f"{where}: folder {folder!r} is not an identity folder in {root}")
+        if not name.strip():
+            raise DatasetError(f"{where}: empty name for folder {folder!r}")
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise DatasetError(f"{where}: name {name!r} of folder {folder!r} holds a control character")
+        if name != name.strip():
+            raise DatasetError(f"{where}: name {name!r} of folder {folder!r} starts or ends with white space")
+        if name in owner:
+            other = owner[name]
+            raise DatasetError(
+                f"{where}: name {name!r} of folder {folder!r} is also the name of folder {other!r} "
+                f"(line {line_of[other]})"
+            )
+        names[folder], line_of[folder], owner[name] = name, line, folder
+    for folder, name in names.items():
+        if name != folder and name in folders and name not in names:
+            raise DatasetError(
+                f"{file}: line {line_of[folder]}: name {name!r} of folder {folder!r} is also the name of "
+                f"identity folder {name!r}, which this file does not rename"
+            )
+    return names
+
+
+def _names_rows(file: Path, text: str) -> list[tuple[int, str, str]]:
+    """``(line, folder, name)`` of every data row of a names file (header checked; blank lines skipped)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, str, str]] = []
+    columns: dict[str, int] | None = None
+    while True:
+        line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DatasetError(f"{file}: line {line}: not valid CSV: {exc}") from None
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if columns is None:
+            header = [cell.strip().lower() for cell in row]
+            shown = ",".join(row)
+            missing = [c for c in NAMES_COLUMNS if c not in header]
+            if missing:
+                raise DatasetError(
+                    f"{file}: line {line}: header row {shown!r} lacks column{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(map(repr, missing))} (expected a header row 'folder,name'; other columns are ignored)"
+                )
+            repeated = [c for c in NAMES_COLUMNS if header.count(c) > 1]
+            if repeated:
+                raise DatasetError(f"{file}: line {line}: header row {shown!r} has column {repeated[0]!r} twice")
+            columns = {c: header.index(c) for c in NAMES_COLUMNS}
+            continue
+        cells = [row[columns[c]] if columns[c] < len(row) else "" for c in NAMES_COLUMNS]
+        rows.append((line, cells[0], cells[1]))
+    if columns is None:
+        raise DatasetError(f"{file}: no header row (expected a header row 'folder,name')")
+    return rows
+
+
+def rename_identities(manifest: Manifest, names: Mapping[str, str]) -> Manifest:
+    """``manifest`` with each record's identity set to the name ``names`` gives its folder (unlisted folders
+    keep their folder name); ``names`` comes from :func:`read_identity_names`. Image ids, paths and problems
+    are unchanged; :attr:`Manifest.digest` changes with the names.
+
+    Raises :class:`DatasetError` when two folders of the manifest would get one name.
+    """
+    records = tuple(replace(r, identity=names.get(r.folder, r.folder)) for r in manifest.records)
+    folder_of: dict[str, str] = {}
+    for record in records:
+        first = folder_of.setdefault(record.identity, record.folder)
+        if first != record.folder:
+            raise DatasetError(
+                f"manifest of {manifest.root}: folders {first!r} and {record.folder!r} would both be identity "
+                f"{record.identity!r}"
+            )
+    return Manifest(root=manifest.root, records=records, problems=manifest.problems)
 
 
 def load_images(records: Sequence[ImageRecord]) -> torch.Tensor:

@@ -39,7 +39,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 th{background:#f4f6f8;cursor:pointer;user-select:none;position:sticky;top:0}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 tbody tr:hover{background:#f7fbff}
-figure{margin:10px 0 22px}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:10px 0 22px}figure img{width:100%;max-width:1000px;height:auto;border:1px solid #eee}
 figcaption{color:#444;font-size:13px;max-width:80em}
 pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:12px;max-height:32em}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px}dt{color:#555}dd{margin:0}

@@ -364,3 +364,7 @@ def test_only_the_formats_asked_for(stored_run: Path, tmp_path: Path) -> None:
     out = write_report(stored_run, tmp_path / "r", formats=("csv",), figure_formats=())
     assert out.files and all(p.suffix == ".csv" for p in out.files)
     assert not (tmp_path / "r" / "figures").exists() and not (tmp_path / "r" / "report.html").exists()
+    # a later report into the same folder leaves no file of an earlier one in tables/ and figures/
+    write_report(stored_run, tmp_path / "r", formats=("md",), figure_formats=("png",))
+    left = sorted(p.suffix for p in (tmp_path / "r").rglob("*") if p.is_file() and p.parent.name != "r")
+    assert set(left) == {".md", ".png"}

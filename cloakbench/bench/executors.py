@@ -150,8 +150,12 @@ class RayExecutor:
 def suite_digest(suite: Suite) -> str:
     """What a results store is bound to: the resolved suite and, with ``dataset.names``, the names that file
     gives (it is named by path: rows made under other names must not be resumed into). A suite without
-    ``dataset.names`` keeps the digest it had before that key existed, so its earlier runs still resume."""
+    ``dataset.names`` and with every ``cloak_fraction`` at 1 keeps the digest it had before those keys existed,
+    so its earlier runs still resume."""
     plain = suite.to_dict()
+    for defense in plain["defenses"]:  # keys added later with their old behaviour as default: old digests hold
+        if defense.get("cloak_fraction") == 1.0:
+            del defense["cloak_fraction"]
     names_file = plain["dataset"].pop("names", None)
     if names_file is None or suite.dataset.names is None or suite.dataset.path is None:
         return stable_hash(plain, length=24)

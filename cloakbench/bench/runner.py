@@ -283,7 +283,7 @@ def cloak_all(
     The seconds each identity's cloaks took are cached beside them, so the cost per image a run reports is the
     cost of making the cloak, also when this run read it from the cache (a resumed run reports what an
     uninterrupted one would)."""
-    defense = make_defense(spec, data, seed, models)
+    defense = make_defense(suite.cloak_source(spec), data, seed, models)  # entries that cloak alike share cloaks
     identities = data.protected if identities is None else tuple(identities)
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
@@ -811,9 +811,9 @@ def _evaluate(
         ) -> dict[str, np.ndarray]:
             if set(identities) <= set(data.protected) and per_identity is None:
                 return {i: ctx.cloaks[spec.label].images[i] for i in identities}
-            return cloak_all(
+            return cloak_all(  # public photos for the adaptive tracker: charged to the cloaking stage too
                 suite, data, spec, seed, ctx.models, cache, progress=ctx.progress, quality_rows=None,
-                identities=identities, per_identity=per_identity,
+                identities=identities, per_identity=per_identity, clock=ctx.clock,
             ).images  # fmt: skip
 
         provider = make_view_provider(
@@ -867,14 +867,15 @@ def _evaluate(
                     )
                     enrolled = e_train.copy()
                     rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
-                    enrolled[rows_of_ident] = e_cloak
+                    n_cloaked = spec.cloaked_count(len(rows_of_ident))  # the rest stay clean (cloak_fraction)
+                    enrolled[rows_of_ident[:n_cloaked]] = e_cloak[:n_cloaked]
                     q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
                     q_emb = e_query[q_pos]
                     ranks, preds = _ranks(tracker, view, enrolled, train_labels, q_emb, [ident] * len(q_pos))
                     outcomes.append(
                         _Outcome(
                             ident=ident, query_idx=data.query[ident], ranks=ranks, preds=preds,
-                            ranks_clean=clean_ranks[q_pos], sims=(q_emb @ e_cloak.T).max(axis=1),
+                            ranks_clean=clean_ranks[q_pos], sims=(q_emb @ enrolled[rows_of_ident].T).max(axis=1),
                             sims_clean=(e_query_clean[q_pos] @ e_train_clean[rows_of_ident].T).max(axis=1),
                         )
                     )  # fmt: skip

@@ -192,7 +192,11 @@ def evaluate_service(
             outcomes: dict[Protocol, list[Any]] = {p: [] for p in protocols}
             for ident in data.protected:
                 gallery.remove(ident)
-                gallery.enrol(ident, prepare(from_uint8(cl.images[ident]), on_enroll))
+                n_cloaked = d.cloaked_count(len(data.train[ident]))  # the rest stay clean (cloak_fraction)
+                enrolled = torch.cat(
+                    [from_uint8(cl.images[ident][:n_cloaked]), data.images[data.train[ident][n_cloaked:]]]
+                )
+                gallery.enrol(ident, prepare(enrolled, on_enroll))
                 gallery.ready()
                 id_r, face_r, preds, sims = gallery.search(query_images[ident], [ident] * query_images[ident].shape[0])
                 c_id, c_face, _, c_sims = clean[ident]

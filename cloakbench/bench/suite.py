@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -115,6 +116,16 @@ class DefenseSpec:
     surrogates: tuple[str, ...] = ("sface",)
     params: Mapping[str, Any] = field(default_factory=dict)
     robust: RobustConfig | None = None  # optimise through random differentiable transforms (EOT)
+    cloak_fraction: float = 1.0
+    """Share of the protected user's enrollment photos that are cloaked (the first ceil(f * n) of them, in split
+    order); the rest reach the tracker clean, as when a user cloaks only some of what is online (FaceCure)."""
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.cloak_fraction <= 1.0, f"cloak_fraction must be in (0, 1], got {self.cloak_fraction}")
+
+    def cloaked_count(self, photos: int) -> int:
+        """How many of a user's ``photos`` enrollment photos are cloaked (at least one)."""
+        return max(1, math.ceil(self.cloak_fraction * photos - 1e-9)) if photos else 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +213,16 @@ class Suite:
     def service_protocols(self, service: ServiceSpec) -> tuple[Protocol, ...]:
         """The protocols a service runs: the suite's for rekognition; poisoning only for azure (no gallery search)."""
         return (Protocol.POISONING,) if service.kind is ServiceKind.AZURE else self.protocols
+
+    def cloak_source(self, spec: DefenseSpec) -> DefenseSpec:
+        """The entry whose cloaks ``spec`` uses: the first with the same defense, surrogates, parameters and
+        robust settings. Entries that differ only in label or ``cloak_fraction`` cloak the same photos the same
+        way, so they share one set of cloaks (and a half-cloaked user is the fully cloaked one, minus photos)."""
+
+        def makes(d: DefenseSpec) -> tuple[Any, ...]:
+            return (d.name, d.surrogates, sorted(dict(d.params).items()), d.robust)
+
+        return next((d for d in self.defenses if makes(d) == makes(spec)), spec)
 
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)

@@ -114,7 +114,8 @@ class Retrained:
             if ident is not None:
                 user_cloaks = self.cloak(spec, (ident,), None)[ident]
                 pos = {int(i): n for n, i in enumerate(idx)}
-                images[[pos[int(i)] for i in data.train[ident]]] = from_uint8(user_cloaks)
+                n_cloaked = spec.cloaked_count(len(data.train[ident]))  # the rest stay clean (cloak_fraction)
+                images[[pos[int(i)] for i in data.train[ident][:n_cloaked]]] = from_uint8(user_cloaks[:n_cloaked])
             labels = tuple(data.labels[i] for i in idx)
             # the tracker has only what it scraped: no clean originals of the user's cloaked photos
             return TrainingSet(images=images, labels=labels), "enrollment" + (f" ({ident} cloaked)" if ident else "")

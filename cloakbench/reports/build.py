@@ -178,4 +178,18 @@ def write_report(
         path = folder / "report.html"
         atomic_write_text(path, page)
         out.files.append(path)
+    _remove_stale(folder, out.files)
     return out
+
+
+def _remove_stale(folder: Path, written: Sequence[Path]) -> None:
+    """tables/ and figures/ belong to the report: files an earlier report left there that this one did not
+    write (a figure with nothing to draw any more, a format not asked for) are removed, so the folder never
+    mixes two reports."""
+    keep = {p.resolve() for p in written}
+    for sub in ("tables", "figures"):
+        d = folder / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_file() and f.resolve() not in keep:
+                    f.unlink()

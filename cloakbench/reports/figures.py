@@ -305,8 +305,12 @@ def budget_figure(
     families: dict[str, list[str]] = defaultdict(list)
     for d in defenses:
         families[defense_family(str(data.spec("defense", d).get("name", d)))].append(d)
-    if all(len(m) < 2 for m in families.values()):
-        return None  # one budget per defense: a scatter of unrelated points, the trade-off figure shows it better
+
+    def budgets(members: list[str]) -> set[tuple[float, float]]:
+        return {(round(float(measured[d]["linf_max"]), 5), round(float(measured[d]["dssim_mean"]), 5)) for d in members}
+
+    if all(len(budgets(m)) < 2 for m in families.values()):
+        return None  # one budget per family: unrelated points (the trade-off figure shows them better)
     cells = _index(rows)
     styles = _styles(data)
     ncols = len(recognizers)

@@ -1,0 +1,72 @@
+"""The literature, reproduced small: ``suites/facecure-tiny.yaml`` re-run from scratch and checked against the
+headline numbers stored in ``docs/reproduction/facecure-tiny.json``.
+
+The stored numbers change only through ``python scripts/reproduce.py facecure-tiny --update``; this test never
+writes them (it checks that the file is untouched). The run gets its own empty artifact cache (model files
+shared), so every cloak, embedding and retrained model is made again. Tolerance: one query photo per cell
+(the rates are over 6 photos, so 1/6): another CPU may flip a photo on a decision boundary, a regression in
+a defense, a tracker or the protocol flips many. On top of the stored numbers, the pattern must hold in this
+run: high protection against the baseline trackers, far less when half the user's photos are left clean, and
+less against the adaptive tracker (which, CPU-sized, does not reach FaceCure's collapse: docs/reproduction.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cloakbench.cache import overlay_cache
+from cloakbench.cli import main
+from cloakbench.reports.data import load_run
+from cloakbench.reports.reproduction import compare, headline
+
+ROOT = Path(__file__).resolve().parents[1]
+STORED = ROOT / "docs" / "reproduction" / "facecure-tiny.json"
+SUITE = ROOT / "suites" / "facecure-tiny.yaml"
+
+
+def rate(numbers: dict[str, object], defense: str, countermeasure: str, classifier: str = "nearest-neighbour") -> float:
+    cells = numbers["cells"]
+    assert isinstance(cells, dict)
+    return float(cells[f"poisoning/{defense}/sface/{countermeasure}/{classifier}"]["protection"])
+
+
+@pytest.mark.slow
+def test_facecure_tiny_reproduces_its_stored_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, celeb24_root: Path
+) -> None:
+    stored_bytes = STORED.read_bytes()
+    stored = json.loads(stored_bytes)
+    cache = tmp_path / "cache"
+    overlay_cache(cache)
+    monkeypatch.setenv("CLOAKBENCH_CACHE", str(cache))
+    assert main(["run", str(SUITE), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    fresh = headline(load_run(tmp_path / "run"))
+
+    assert compare(stored, fresh, photos=1) == []
+    for numbers in (stored, fresh):
+        for clf in ("nearest-neighbour", "linear"):
+            for defense in ("fawkes-v1-high", "lowkey"):  # stored: 1.00 for both, both classifiers
+                assert rate(numbers, defense, "none", clf) >= 0.8, (defense, clf)
+            # stored: half clean 0.17 (NN) and 0.00 (linear) against 1.00 with every photo cloaked
+            assert (
+                rate(numbers, "fawkes-v1-high-half", "none", clf) <= rate(numbers, "fawkes-v1-high", "none", clf) - 0.5
+            )
+        # the CPU-sized adaptive tracker lowers Fawkes (stored: linear 1.00 -> 0.50) but does not collapse it at
+        # this size, nor LowKey (1.00): docs/reproduction.md has the measurements and the diagnosis
+        assert rate(numbers, "fawkes-v1-high", "adaptive", "linear") < rate(numbers, "fawkes-v1-high", "none", "linear")
+    assert STORED.read_bytes() == stored_bytes  # the test reads the stored numbers, never writes them
+
+
+def test_compare_counts_tolerance_in_photos() -> None:
+    base = {"config": {"name": "x"}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.5}}}
+    one_photo = {"config": {"name": "x"}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.5 + 1 / 6}}}
+    two_photos = {"config": {"name": "x"}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.5 + 2 / 6}}}
+    assert compare(base, one_photo) == []
+    assert compare(base, two_photos) == ["a: protection 0.833, stored 0.500 (tolerance 1 of 6 photos = 0.167)"]
+    failed = {"config": {"name": "x"}, "cells": {"a": {"status": "failed: boom", "queries": 0}}}
+    assert compare(base, failed) == ["a: status 'failed: boom', stored 'ok'"]
+    assert compare(base, {"config": {"name": "y"}, "cells": {}})[0].startswith("the suite changed since the numbers")
+    assert compare(base, {"config": {"name": "x"}, "cells": {}}) == ["a: missing from this run"]

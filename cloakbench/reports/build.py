@@ -53,7 +53,6 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
     finished = [a for a in data.attempts if a.get("status") == "finished"]
     done = sum(1 for t in data.tasks if t["status"] == "ok")
     planned = len(data.plan) or len(data.tasks)
-    devices = sorted({str((a.get("metadata") or {}).get("device") or "") for a in data.attempts} - {""})
     last = data.attempts[-1] if data.attempts else {}
     git = (last.get("metadata") or {}).get("git") or {}
     packages = (last.get("metadata") or {}).get("packages") or {}
@@ -64,7 +63,7 @@ def _facts(data: RunData) -> list[tuple[str, str]]:
         ("started (UTC)", data.created_utc),
         ("tasks", f"{done} of {planned} finished ok" + ("" if done == planned else " (incomplete run)")),
         ("attempts", f"{len(data.attempts)} ({len(finished)} finished)"),
-        ("device", ", ".join(devices) or "unknown"),
+        ("device", ", ".join(data.devices) or "unknown"),
         ("git commit", f"{git.get('commit', 'unknown')}{' (dirty)' if git.get('dirty') else ''}"),
         ("torch", str(packages.get("torch", "unknown"))),
     ]
@@ -131,17 +130,21 @@ def write_report(
                 fig = figs.render(spec, width)
                 if fig is None:
                     break
+                stem = folder / "figures" / f"{spec.name}-{width.value}"
                 if figure_formats:
-                    out.files += figs.save_figure(
-                        fig, folder / "figures" / f"{spec.name}-{width.value}", figure_formats
-                    )
+                    out.files += figs.save_figure(fig, stem, figure_formats)
                 if want_html and width is figs.Width.TWO:
-                    raster = spec.name == "grids"
+                    raster = spec.name == "grids"  # photos: a 150-dpi PNG; plots: the SVG (written once)
+                    if raster:
+                        image = figs.figure_bytes(fig, "png")
+                    elif "svg" in figure_formats:
+                        image = stem.with_name(f"{stem.name}.svg").read_bytes()
+                    else:
+                        image = figs.figure_bytes(fig, "svg")
                     embedded.append(
                         EmbeddedFigure(
                             name=spec.name, title=spec.title, caption=spec.caption,
-                            mime="image/png" if raster else "image/svg+xml",
-                            data=figs.figure_bytes(fig, "png" if raster else "svg"),
+                            mime="image/png" if raster else "image/svg+xml", data=image,
                         )
                     )  # fmt: skip
             else:

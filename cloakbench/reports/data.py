@@ -8,7 +8,7 @@ model and touches no cache.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,26 @@ class RunData:
         else:
             raise KeyError(axis)
         return {str(v): i for i, v in enumerate(values)}
+
+    def present(self, axis: str, values: Iterable[str]) -> list[str]:
+        """The distinct ``values`` of a grid axis in suite order (values the suite does not list last, by name)."""
+        order = self.order(axis)
+        return sorted(set(values), key=lambda v: (order.get(v, len(order)), v))
+
+    def first(self, axis: str, values: Iterable[str], *, prefer: str | None = None) -> str | None:
+        """The first of ``values`` in suite order; with ``prefer``, the first whose spec has that registry name
+        (``prefer="none"``: the no-countermeasure entry) when there is one."""
+        present = self.present(axis, values)
+        if prefer is not None:
+            for v in present:
+                if self.spec(axis, v).get("name") == prefer:
+                    return v
+        return present[0] if present else None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices the run's attempts used (from their metadata), sorted."""
+        return tuple(sorted({str((a.get("metadata") or {}).get("device") or "") for a in self.attempts} - {""}))
 
     def spec(self, axis: str, label: str) -> Mapping[str, Any]:
         """The stored spec (name, label, params, ...) of a defense or countermeasure label; empty if unknown."""

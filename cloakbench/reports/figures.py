@@ -160,16 +160,12 @@ def _index(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapp
 
 
 def _present(data: RunData, rows: Sequence[Mapping[str, Any]], axis: str) -> list[str]:
-    order = data.order(axis)
-    values = {str(r[axis]) for r in rows}
-    return sorted(values, key=lambda v: (order.get(v, len(order)), v))
+    return data.present(axis, (str(r[axis]) for r in rows))
 
 
 def _baseline(data: RunData, rows: Sequence[Mapping[str, Any]]) -> str | None:
     """The countermeasure a figure about the cloaks alone shows: ``none`` when the suite has it, else its first."""
-    countermeasures = _present(data, rows, "countermeasure")
-    none = [c for c in countermeasures if data.spec("countermeasure", c).get("name") == "none"]
-    return none[0] if none else (countermeasures[0] if countermeasures else None)
+    return data.first("countermeasure", (str(r["countermeasure"]) for r in rows), prefer="none")
 
 
 def _styles(data: RunData) -> dict[str, SeriesStyle]:
@@ -480,8 +476,7 @@ def cost_figure(data: RunData, cost: Sequence[Mapping[str, Any]], width: Width) 
         ax.text(v, float(yi), f" {v:.3g}", va="center", fontsize=6.5)
     ax.set_xlim(right=max(values) * (3.0 if ax.get_xscale() == "log" else 1.18))
     ax.grid(axis="y", visible=False)
-    devices = sorted({str((a.get("metadata") or {}).get("device") or "") for a in data.attempts} - {""})
-    ax.set_xlabel(f"milliseconds per cloaked photo ({', '.join(devices) or 'device unknown'})")
+    ax.set_xlabel(f"milliseconds per cloaked photo ({', '.join(data.devices) or 'device unknown'})")
     return fig
 
 

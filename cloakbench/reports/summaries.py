@@ -18,16 +18,10 @@ import numpy as np
 from cloakbench.bench.metrics import bootstrap_ci
 from cloakbench.reports.data import RunData
 from cloakbench.reports.render import Column, Estimate, Table
-from cloakbench.reports.worst_case import ANY_RECOGNIZER, worst_case
+from cloakbench.reports.worst_case import ANY_RECOGNIZER, truthy, worst_case
 
 CELL = ("protocol", "defense", "recognizer", "countermeasure", "classifier")
 PER_SEED = ("seed", *CELL)
-
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _mean(values: Sequence[Any]) -> float:
@@ -94,7 +88,7 @@ def pooled_cells(data: RunData) -> list[dict[str, Any]]:
     ranks: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for q in data.queries:
         k = tuple(str(q.get(k, "")) for k in PER_SEED)
-        correct[k].append(_truthy(q.get("correct")))
+        correct[k].append(truthy(q.get("correct")))
         ranks[k].append(int(q.get("rank") or 0))
     boot = data.suite.get("bootstrap") or {}
     resamples, confidence = int(boot.get("resamples", 1000)), float(boot.get("confidence", 0.95))
@@ -165,7 +159,7 @@ _KEY_COLUMNS = (
 
 def protection_table(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> Table:
     confidence = float((data.suite.get("bootstrap") or {}).get("confidence", 0.95))
-    rows = [{**r, "oblivious": "yes" if _truthy(r.get("oblivious")) else "no"} for r in pooled]
+    rows = [{**r, "oblivious": "yes" if truthy(r.get("oblivious")) else "no"} for r in pooled]
     return Table(
         name="protection",
         title="Protection rate",
@@ -251,15 +245,6 @@ def quality_table(quality: Sequence[Mapping[str, Any]]) -> Table:
     )
 
 
-def _devices(data: RunData) -> str:
-    seen = []
-    for a in data.attempts:
-        device = str((a.get("metadata") or {}).get("device") or "")
-        if device and device not in seen:
-            seen.append(device)
-    return ", ".join(seen) or "–"
-
-
 def cost_rows(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per defense: seconds per cloaked photo (as the run measured it, averaged over seeds), photos cloaked, and
     the cloaking stage's wall seconds summed over the run's tasks."""
@@ -282,11 +267,12 @@ def cost_rows(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> list[dict[s
 
 
 def cost_table(data: RunData, rows: Sequence[Mapping[str, Any]]) -> Table:
+    devices = ", ".join(data.devices) or "–"
     return Table(
         name="cost",
         title="Cost of cloaking",
         caption=(
-            f"Milliseconds per cloaked photo as the run measured it (device: {_devices(data)}; a cloak read from the "
+            f"Milliseconds per cloaked photo as the run measured it (device: {devices}; a cloak read from the "
             "cache reports what making it cost), and the wall seconds of the cloaking stage in this run's tasks "
             "(0 when every cloak came from the cache)."
         ),
@@ -392,22 +378,13 @@ def adaptation_table(data: RunData) -> Table:
     )
 
 
-def _first(data: RunData, axis: str, values: Sequence[str], prefer: str | None = None) -> str | None:
-    present = sorted(set(values), key=lambda v: (data.order(axis).get(v, 1 << 30), v))
-    if prefer is not None:
-        for v in present:
-            if data.spec(axis, v).get("name") == prefer:
-                return v
-    return present[0] if present else None
-
-
 def identity_table(data: RunData) -> Table | None:
     """Protection per protected identity and defense, a column per recognizer, for one slice of the grid (the
     suite's first protocol and classifier, no countermeasure when the suite has it): who a defense fails."""
     ok = {tuple(str(c.get(k, "")) for k in PER_SEED) for c in data.cells if c.get("status") == "ok"}
-    protocol = _first(data, "protocol", [str(c["protocol"]) for c in data.cells])
-    classifier = _first(data, "classifier", [str(c["classifier"]) for c in data.cells])
-    cm = _first(data, "countermeasure", [str(c["countermeasure"]) for c in data.cells], prefer="none")
+    protocol = data.first("protocol", (str(c["protocol"]) for c in data.cells))
+    classifier = data.first("classifier", (str(c["classifier"]) for c in data.cells))
+    cm = data.first("countermeasure", (str(c["countermeasure"]) for c in data.cells), prefer="none")
     groups: dict[tuple[str, str], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     recognizers: list[str] = []
     for q in data.queries:
@@ -417,7 +394,7 @@ def identity_table(data: RunData) -> Table | None:
         rec = key[3]
         if rec not in recognizers:
             recognizers.append(rec)
-        groups[(str(q.get("protected_identity", "")), key[2])][rec].append(_truthy(q.get("correct")))
+        groups[(str(q.get("protected_identity", "")), key[2])][rec].append(truthy(q.get("correct")))
     if not groups:
         return None
     recognizers = sorted(recognizers, key=lambda r: data.order("recognizer").get(r, 1 << 30))

@@ -25,7 +25,8 @@ CELL_KEYS = ("seed", "protocol", "defense", "recognizer", "countermeasure", "cla
 ANY_RECOGNIZER = "*"
 
 
-def _truthy(value: Any) -> bool:
+def truthy(value: Any) -> bool:
+    """A stored or CSV boolean (``True``, ``'true'``, ``'1'``, ``'yes'``) as a bool."""
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
@@ -53,7 +54,7 @@ def worst_case(
             continue
         seed_, protocol, defense, recognizer, cm, clf = key
         photo = (str(row.get("protected_identity", "")), str(row.get("image_id", "")))
-        correct = _truthy(row.get("correct"))
+        correct = truthy(row.get("correct"))
         groups: tuple[tuple[str, ...], ...] = (
             (seed_, protocol, defense, recognizer),
             (seed_, protocol, defense, ANY_RECOGNIZER),

@@ -1,7 +1,8 @@
 """Run a reproduction suite, report it, and (with --update) store its headline numbers for the test.
 
     python scripts/reproduce.py facecure-tiny --update          # what tests/test_reproduction.py checks
-    python scripts/reproduce.py facecure-reduced --update       # the half-hour CPU version (docs/reproduction.md)
+    python scripts/reproduce.py facecure-reduced --update       # the 18-minute CPU version (docs/reproduction.md)
+    python scripts/reproduce.py lowkey-reduced --update         # LowKey's evasion protocol, 10 minutes on a CPU
     python scripts/reproduce.py facecure --out runs/facecure    # the full suite (GPU-sized)
 
 Runs ``cloakbench run SUITE --out OUT`` (resuming a killed run), then ``cloakbench report OUT``, then prints the

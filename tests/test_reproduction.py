@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from cloakbench.bench.suite import load_suite
 from cloakbench.cache import overlay_cache
 from cloakbench.cli import main
 from cloakbench.reports.data import load_run
-from cloakbench.reports.reproduction import compare, headline
+from cloakbench.reports.render import Estimate
+from cloakbench.reports.reproduction import PUBLISHED, compare, headline, portable_config, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 STORED = ROOT / "docs" / "reproduction" / "facecure-tiny.json"
@@ -70,3 +72,42 @@ def test_compare_counts_tolerance_in_photos() -> None:
     assert compare(base, failed) == ["a: status 'failed: boom', stored 'ok'"]
     assert compare(base, {"config": {"name": "y"}, "cells": {}})[0].startswith("the suite changed since the numbers")
     assert compare(base, {"config": {"name": "x"}, "cells": {}}) == ["a: missing from this run"]
+
+
+def test_every_published_number_names_a_cell_some_stored_run_has() -> None:
+    """A typo in a ``Published.ours`` key would leave its row empty forever: each key must be a cell of a stored
+    run (the reduced suites measure every kind of cell the full ones do)."""
+    stored = {p.stem: json.loads(p.read_text()) for p in sorted(STORED.parent.glob("*.json"))}
+    assert {"facecure-reduced", "facecure-tiny", "lowkey-reduced"} <= set(stored)
+    for published in PUBLISHED:
+        if published.ours is None:
+            continue
+        holders = [name for name, numbers in stored.items() if published.ours in numbers["cells"]]
+        assert holders, f"{published.source} / {published.tracker}: no stored run has {published.ours}"
+
+
+def test_side_by_side_puts_each_runs_cell_beside_the_published_number() -> None:
+    first = PUBLISHED[0]
+    assert first.ours is not None
+    runs = {
+        "a": {"cells": {first.ours: {"status": "ok", "queries": 6, "protection": 0.5, "ci": [0.2, 0.8]}}},
+        "b": {"cells": {}},
+    }
+    table = side_by_side(runs)
+    assert [c.header for c in table.columns][-2:] == ["a", "b"]
+    row = table.rows[0]
+    assert row["published"] == first.protection and row["run0"] == Estimate(0.5, 0.2, 0.8) and "run1" not in row
+    no_counterpart = [r for r, p in zip(table.rows, PUBLISHED, strict=True) if p.ours is None]
+    assert no_counterpart and all(r["ours"] == "no counterpart" and "run0" not in r for r in no_counterpart)
+
+
+@pytest.mark.parametrize("name", ["facecure-reduced", "lowkey-reduced", "facecure-tiny"])
+def test_stored_numbers_belong_to_the_suite_file_as_it_is(name: str) -> None:
+    """Editing a reproduction suite without re-running it would leave numbers on the results page that no
+    longer describe the suite: the stored config must be the suite file's, checkout paths aside."""
+    stored = json.loads((STORED.parent / f"{name}.json").read_text())
+    suite = load_suite(ROOT / "suites" / f"{name}.yaml")
+    assert stored["config"] == portable_config(json.loads(json.dumps(suite.to_dict(), default=str))), (
+        f"suites/{name}.yaml changed since docs/reproduction/{name}.json was stored: "
+        f"python scripts/reproduce.py {name} --update"
+    )

@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="recognizer to optimise against, repeatable (default: sface; sface and facenet-casia for "
-        "two-extractor defenses such as fawkes-v1-high, and lowkey)",
+        "two-extractor defenses such as fawkes-v1-high, and lowkey, lowkey-linf)",
     )
     prot.add_argument(
         "--param",

@@ -180,3 +180,30 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (for ``__post_init__``)."""
     if not condition:
         raise ConfigError(message)
+
+
+def source_digest(*objects: Any, packages: tuple[str, ...] = ()) -> str:
+    """SHA-256 (16 hex digits) of the source code behind ``objects`` (the files defining their classes) and of
+    every ``.py`` file of the named ``packages``: a cache key part, so an artifact made by older code is never
+    read back as if this code had made it."""
+    import importlib
+    import inspect
+
+    files: set[Path] = set()
+    for obj in objects:
+        try:
+            source = inspect.getsourcefile(obj if isinstance(obj, type) else type(obj))
+        except TypeError:  # built in: no source file
+            source = None
+        if source:
+            files.add(Path(source).resolve())
+    for name in packages:
+        module = importlib.import_module(name)
+        for folder in getattr(module, "__path__", []):
+            files.update(p.resolve() for p in Path(folder).rglob("*.py"))
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(files):
+        label = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        h.update(label.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]

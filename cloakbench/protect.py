@@ -206,7 +206,7 @@ def default_surrogates(defense: str, params: Mapping[str, Any] | None = None) ->
         return ()
     merged = {**entry.defaults, **(params or {})}
     extractors = merged.get("extractors")
-    if (isinstance(extractors, int) and extractors >= 2) or defense == "lowkey":
+    if (isinstance(extractors, int) and extractors >= 2) or defense in ("lowkey", "lowkey-linf"):
         return TWO_SURROGATES
     return (_DEFAULT_SURROGATE,)
 

@@ -76,8 +76,12 @@ def test_every_preset_stays_within_its_bound(
 ) -> None:  # fmt: skip
     entry = DEFENSES.get(name)
     steps = entry.defaults.get("steps", 3)
-    surrogates = [sface, casia] if name in ("fawkes-v1", "fawkes-v1-mid", "fawkes-v1-high", "lowkey") else [sface]
+    two = ("fawkes-v1", "fawkes-v1-mid", "fawkes-v1-high", "fawkes-v1-centred", "fawkes-v1-centred-mid",
+           "fawkes-v1-centred-high", "lowkey")  # fmt: skip
+    surrogates = [sface, casia] if name in two else [sface]
     overrides: dict[str, Any] = {"steps": min(int(steps), 6)} if name != "noise" else {}
+    if name == "fawkes":  # 0.3's custom learning rate 2 moves no pixel by 0.5/255 in 6 steps (rounds to nothing)
+        overrides["learning_rate"] = 20.0
     defense = DEFENSES.create(name, surrogates=surrogates, name=name, **overrides)
     out = defense.protect(faces, ["Tom_Hanks"] * faces.shape[0], generator=torch.Generator().manual_seed(0))
     q = quality_report(faces, out)
@@ -89,14 +93,19 @@ def test_every_preset_stays_within_its_bound(
     if budget.dssim is not None:
         assert float(q["dssim"].max()) <= budget.dssim + 1e-6
     mode = name.rsplit("-", 1)[-1]
-    if name == "fawkes-v1":  # custom v1.0: high unless overridden
-        assert budget.dssim == V1_BOUNDS["high"]
-    elif name.startswith("fawkes-v1-"):
+    # Fawkes as its code runs only penalises DSSIM (issue 17): v1.0 caps pixels at 15/255, 0.3 nothing; the
+    # centred variants (cloakbench's) enforce their DSSIM bound
+    if name == "fawkes-v1-centred":  # custom: high unless overridden
+        assert budget.dssim == V1_BOUNDS["high"] and budget.linf == pytest.approx(15 / 255)
+    elif name.startswith("fawkes-v1-centred-"):
         assert budget.dssim == V1_BOUNDS[mode] and budget.linf == pytest.approx(15 / 255)
-    elif name.startswith("fawkes-"):
-        assert budget.dssim == PAPER_BOUNDS[mode] and budget.linf is None
-    elif name == "fawkes":  # custom paper version: the paper's default rho
-        assert budget.dssim == 0.007
+    elif name == "fawkes-v1" or name.startswith("fawkes-v1-"):
+        assert budget.dssim is None and budget.linf == pytest.approx(15 / 255)
+        assert defense.config.dssim_threshold == V1_BOUNDS["high" if name == "fawkes-v1" else mode]  # type: ignore[attr-defined]
+    elif name.startswith("fawkes"):
+        assert budget.dssim is None and budget.linf == 1.0
+        want = 0.007 if name == "fawkes" else PAPER_BOUNDS[mode]  # custom paper version: the paper's default rho
+        assert defense.config.dssim_threshold == want  # type: ignore[attr-defined]
 
 
 def test_every_entry_says_where_it_comes_from() -> None:
@@ -124,10 +133,11 @@ def test_fawkes_target_is_far_seeded_and_attracts(
     assert sorted(pool.images) == [n for n in names if n != "Tom_Hanks"]
     gen = torch.Generator().manual_seed(1)
     choice = choose_target(pool, faces, [sface], farthest=2, generator=gen)
-    # the two farthest centroids, recomputed here
-    user = torch.nn.functional.normalize(sface.embed(faces).mean(0), dim=0)
+    # the two farthest by Fawkes 0.3's rule (smallest L2 distance from the identity's centroid to any of the
+    # user's photos), recomputed here
+    user = sface.embed(faces)
     dist = {
-        n: 1 - float(user @ torch.nn.functional.normalize(sface.embed(pool.images[n]).mean(0), dim=0))
+        n: float((user - torch.nn.functional.normalize(sface.embed(pool.images[n]).mean(0), dim=0)).norm(dim=1).min())
         for n in pool.images
     }
     assert set(choice.candidates) == set(sorted(dist, key=lambda n: -dist[n])[:2])
@@ -142,7 +152,8 @@ def test_fawkes_target_is_far_seeded_and_attracts(
     centre = torch.nn.functional.normalize(sface.embed(pool.images[target]).mean(0), dim=0)
     before = sface.embed(faces) @ centre
     after = sface.embed(out) @ centre
-    # measured: +0.26 to +0.34 cosine towards the target's centre after 20 steps at DSSIM <= 0.003
+    # measured: +0.28 to +0.45 cosine towards the target's centre after 20 steps (0.3 low: rho 0.003 only penalised;
+    # the kept iterates end at TF DSSIM 0.007-0.059, L-inf 5-12/255)
     assert bool((after > before + 0.1).all()), (before, after)
 
 
@@ -181,7 +192,8 @@ def test_opom_adds_one_mask_per_person_and_leaves_the_hull(faces: torch.Tensor, 
 
 
 def test_bench_runs_paper_defenses_with_grids_and_png_round_trip(celeb24_root: Path, tmp_path: Path) -> None:
-    """A small suite: Fawkes v1.0 low and Fawkes min with the dataset's own identities as target pool."""
+    """A small suite: cloakbench's Fawkes v1.0 low variant (its centred DSSIM bound is enforced) and Fawkes min
+    (0.3: DSSIM only penalised) with the dataset's own identities as target pool."""
     from cloakbench.bench.output import write_run
     from cloakbench.bench.runner import run_suite
     from cloakbench.bench.suite import parse_suite
@@ -198,7 +210,7 @@ def test_bench_runs_paper_defenses_with_grids_and_png_round_trip(celeb24_root: P
             "defenses": [
                 # few steps: this checks the wiring (cap, budgets after the PNG round trip, dataset target
                 # pool, grids); the presets' strength is measured by suites/defenses.yaml
-                {"name": "fawkes-v1-low", "surrogates": ["sface"], "params": {"steps": 5}},
+                {"name": "fawkes-v1-centred-low", "surrogates": ["sface"], "params": {"steps": 5}},
                 {"name": "fawkes-min", "surrogates": ["sface"], "params": {"target_pool": "dataset", "steps": 5}},
             ],
             "recognizers": ["sface"],
@@ -212,11 +224,11 @@ def test_bench_runs_paper_defenses_with_grids_and_png_round_trip(celeb24_root: P
     by_defense: dict[str, list[dict[str, Any]]] = {}
     for row in result.cloaks:
         by_defense.setdefault(row["defense"], []).append(row)
-    assert max(r["dssim"] for r in by_defense["fawkes-v1-low"]) <= 0.004 + 1e-6
-    assert max(r["linf"] for r in by_defense["fawkes-v1-low"]) <= 15 / 255 + QUANTISATION_SLACK
-    assert max(r["dssim"] for r in by_defense["fawkes-min"]) <= 0.002 + 1e-6
+    assert max(r["dssim"] for r in by_defense["fawkes-v1-centred-low"]) <= 0.004 + 1e-6  # enforced after the PNG
+    assert max(r["linf"] for r in by_defense["fawkes-v1-centred-low"]) <= 15 / 255 + QUANTISATION_SLACK
+    assert min(r["linf"] for r in by_defense["fawkes-min"]) > 0  # 0.3 bounds nothing, but every photo is cloaked
     assert all(r["status"] == "ok" for r in result.summary), result.summary
     write_run(result, tmp_path / "run")
-    for label in ("fawkes-v1-low", "fawkes-min"):
+    for label in ("fawkes-v1-centred-low", "fawkes-min"):
         grid = cv2.imread(str(tmp_path / "run" / "grids" / f"{label}.png"))
         assert grid is not None and grid.shape[0] == 3 * 112 + 8  # original / cloaked / difference rows

@@ -7,7 +7,7 @@ shared), so every cloak, embedding and retrained model is made again. Tolerance:
 (the rates are over 6 photos, so 1/6): another CPU may flip a photo on a decision boundary, a regression in
 a defense, a tracker or the protocol flips many. On top of the stored numbers, the pattern must hold in this
 run: high protection against the baseline trackers, far less when half the user's photos are left clean, and
-less against the adaptive tracker (which, CPU-sized, does not reach FaceCure's collapse: docs/reproduction.md).
+far less against FaceCure's adaptive tracker.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cloakbench.bench.suite import load_suite
+from cloakbench.bench.suite import Suite, load_suite
 from cloakbench.cache import overlay_cache
 from cloakbench.cli import main
 from cloakbench.reports.data import load_run
@@ -56,9 +56,10 @@ def test_facecure_tiny_reproduces_its_stored_numbers(
             assert (
                 rate(numbers, "fawkes-v1-high-half", "none", clf) <= rate(numbers, "fawkes-v1-high", "none", clf) - 0.5
             )
-        # the CPU-sized adaptive tracker lowers Fawkes (stored: linear 1.00 -> 0.50) but does not collapse it at
-        # this size, nor LowKey (1.00): docs/reproduction.md has the measurements and the diagnosis
-        assert rate(numbers, "fawkes-v1-high", "adaptive", "linear") < rate(numbers, "fawkes-v1-high", "none", "linear")
+            # FaceCure's adaptive tracker (trained on both defenses' cloaks of other users) lowers both cloaks
+            # (stored: Fawkes 0.50 NN / 0.00 linear, LowKey 0.50 / 0.17, from 1.00)
+            for defense in ("fawkes-v1-high", "lowkey"):
+                assert rate(numbers, defense, "adaptive", clf) <= rate(numbers, defense, "none", clf) - 0.3, defense
     assert STORED.read_bytes() == stored_bytes  # the test reads the stored numbers, never writes them
 
 
@@ -67,23 +68,62 @@ def test_compare_counts_tolerance_in_photos() -> None:
     one_photo = {"config": {"name": "x"}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.5 + 1 / 6}}}
     two_photos = {"config": {"name": "x"}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.5 + 2 / 6}}}
     assert compare(base, one_photo) == []
-    assert compare(base, two_photos) == ["a: protection 0.833, stored 0.500 (tolerance 1 of 6 photos = 0.167)"]
+    assert compare(base, two_photos) == [
+        "a: protection 0.833, stored 0.500 (2 of 6 photos changed outcome; tolerance 1)"
+    ]
+    assert compare(base, two_photos, photos=0) != [] and compare(base, base, photos=0) == []
+    assert compare(base, {**base, "cells": {"a": {**base["cells"]["a"], "queries": 7}}})[0].endswith("stored 6")
     failed = {"config": {"name": "x"}, "cells": {"a": {"status": "failed: boom", "queries": 0}}}
     assert compare(base, failed) == ["a: status 'failed: boom', stored 'ok'"]
     assert compare(base, {"config": {"name": "y"}, "cells": {}})[0].startswith("the suite changed since the numbers")
     assert compare(base, {"config": {"name": "x"}, "cells": {}}) == ["a: missing from this run"]
 
 
+def test_compare_is_exact_about_a_one_photo_tolerance() -> None:
+    """What failed on an AMD EPYC: stored 1/6 rounded to six decimals (0.166667 > 1/6 + 1e-9) against a fresh 0,
+    one photo apart, was refused by a one-photo tolerance. Counts of photos compare exactly, in both directions
+    and with or without the stored count."""
+    one_sixth = {"config": {}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.166667}}}
+    counted = {"config": {}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.166667, "protected": 1}}}
+    zero = {"config": {}, "cells": {"a": {"status": "ok", "queries": 6, "protection": 0.0, "protected": 0}}}
+    for x, y in ((one_sixth, zero), (zero, one_sixth), (counted, zero), (zero, counted)):
+        assert compare(x, y, photos=1) == []
+        assert compare(x, y, photos=0) == ["a: protection " + f"{y['cells']['a']['protection']:.3f}, stored "
+                                           f"{x['cells']['a']['protection']:.3f} (1 of 6 photos changed outcome; "
+                                           "tolerance 0)"]  # fmt: skip
+
+
+def _suite_could_have(suite: Suite, cell: str) -> bool:
+    """Whether ``protocol/defense/recognizer/countermeasure/classifier`` names parts that ``suite`` has."""
+    protocol, defense, recognizer, countermeasure, classifier = cell.split("/")
+    trackers = {*suite.classifiers, "softmax", "gallery-search", "service", "service-search"}
+    return (
+        protocol in {p.value for p in suite.protocols}
+        and defense in {d.label for d in suite.defenses}
+        and recognizer in {*suite.recognizers, *(s.label for s in suite.services)}
+        and countermeasure in {c.label for c in suite.countermeasures}
+        and classifier in trackers
+    )
+
+
 def test_every_published_number_names_a_cell_some_stored_run_has() -> None:
     """A typo in a ``Published.ours`` key would leave its row empty forever: each key must be a cell of a stored
-    run (the reduced suites measure every kind of cell the full ones do)."""
+    run, or of a reproduction suite not run yet (the full GPU-sized ones: its row stays '–' until it runs). Every
+    mapping says why in one line."""
     stored = {p.stem: json.loads(p.read_text()) for p in sorted(STORED.parent.glob("*.json"))}
     assert {"facecure-reduced", "facecure-tiny", "lowkey-reduced"} <= set(stored)
+    suites = [load_suite(ROOT / "suites" / f"{name}.yaml") for name in ("facecure", "lowkey")]
     for published in PUBLISHED:
+        assert len(published.why) > 20, published
         if published.ours is None:
+            assert published.why.startswith("no counterpart"), published
             continue
         holders = [name for name, numbers in stored.items() if published.ours in numbers["cells"]]
-        assert holders, f"{published.source} / {published.tracker}: no stored run has {published.ours}"
+        planned = [s.name for s in suites if _suite_could_have(s, published.ours)]
+        assert holders or planned, f"{published.source} / {published.tracker}: no run or suite has {published.ours}"
+    # the paper version's claims are measured by the full suite only (until it runs: '–')
+    assert _suite_could_have(suites[0], "poisoning/fawkes-high-half/sface/none/nearest-neighbour")
+    assert not _suite_could_have(suites[0], "poisoning/fawkes-hihg/sface/none/nearest-neighbour")
 
 
 def test_side_by_side_puts_each_runs_cell_beside_the_published_number() -> None:

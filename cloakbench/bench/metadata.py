@@ -64,11 +64,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str | None:
+    """torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``), None where torch lacks it."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return str(get()) if callable(get) else None
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        # the vector ISA torch's CPU kernels dispatch to (AVX2, AVX512, ...): results move by a few photos
+        # between machines, and this is the first thing that differs
+        "torch_cpu_capability": cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),  # type: ignore[no-untyped-call]
+        "torch_version": torch.__version__,
     }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()

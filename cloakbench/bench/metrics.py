@@ -59,7 +59,11 @@ def protection_rate(correct: np.ndarray) -> float:
 def bootstrap_ci(
     values: np.ndarray, *, rng: np.random.Generator, resamples: int = 1000, confidence: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling images with replacement)."""
+    """Percentile bootstrap interval of the mean of ``values`` (resampling images with replacement).
+
+    Not an interval for a protection rate: photos of one person are not independent, and the percentile
+    bootstrap collapses to a point when every photo has the same outcome. Use :func:`protection_interval`.
+    """
     if values.size == 0:
         return (float("nan"), float("nan"))
     draws = rng.integers(0, values.size, size=(resamples, values.size))
@@ -67,3 +71,97 @@ def bootstrap_ci(
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
+
+
+def exact_binomial_ci(successes: int, trials: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval of a binomial proportion: the quantiles of two beta distributions.
+
+    Never zero-width for a finite sample: 6 of 6 gives [0.541, 1.000] at 95 %.
+    """
+    from scipy.special import betaincinv  # scipy comes with scikit-learn; imported here to keep reports light
+
+    if trials <= 0:
+        return (float("nan"), float("nan"))
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    alpha = 1.0 - confidence
+    lo = 0.0 if successes == 0 else float(betaincinv(successes, trials - successes + 1, alpha / 2))
+    hi = 1.0 if successes == trials else float(betaincinv(successes + 1, trials - successes, 1 - alpha / 2))
+    return (lo, hi)
+
+
+def wilson_ci(successes: int, trials: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (narrower than Clopper-Pearson, close to nominal)."""
+    from scipy.special import ndtri
+
+    if trials <= 0:
+        return (float("nan"), float("nan"))
+    z = float(ndtri(1 - (1 - confidence) / 2))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
+
+
+def clustered_bootstrap_ci(
+    values: np.ndarray, clusters: Sequence[str] | np.ndarray, *, rng: np.random.Generator, resamples: int = 1000,
+    confidence: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """Two-stage percentile bootstrap of a pooled mean whose unit of independence is the cluster.
+
+    Each resample draws as many clusters as there are, with replacement, then within each drawn cluster as many
+    of its values as it has, with replacement, and pools them (so a person with more photos weighs more, as in
+    the pooled rate). The spread between people enters the interval, which a bootstrap over photos ignores.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    labels = np.asarray(clusters)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    if labels.shape != values.shape:
+        raise ValueError(f"{labels.size} cluster labels for {values.size} values")
+    groups = [values[labels == c] for c in dict.fromkeys(labels.tolist())]
+    sizes = np.array([g.size for g in groups])
+    means = np.empty(resamples)
+    picks = rng.integers(0, len(groups), size=(resamples, len(groups)))
+    for r in range(resamples):
+        total, count = 0.0, 0
+        for g in picks[r]:
+            n = int(sizes[g])
+            total += float(groups[g][rng.integers(0, n, size=n)].sum())
+            count += n
+        means[r] = total / count
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return (float(lo), float(hi))
+
+
+INTERVAL_METHOD = (
+    "one person: exact (Clopper-Pearson) binomial interval over their photos; several people: identity-"
+    "clustered bootstrap (people, then their photos, resampled), widened where it is narrower to the exact "
+    "binomial interval of the pooled photos"
+)
+"""What :func:`protection_interval` computes, in words, for tables and docs."""
+
+
+def protection_interval(
+    protected: np.ndarray, identities: Sequence[str] | np.ndarray, *, rng: np.random.Generator,
+    resamples: int = 1000, confidence: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """The interval cloakbench reports for a protection rate (``protected``: 1 per protected photo, else 0).
+
+    The person is the unit of independence. One person: the exact binomial interval of their photos. Several:
+    the identity-clustered bootstrap (:func:`clustered_bootstrap_ci`), widened to the exact binomial interval
+    of all the photos where that is wider on either side. The bootstrap alone collapses to a point when every
+    photo has the same outcome (6 of 6 would print [1.00, 1.00]) and is too narrow with few people; no sample
+    of n photos can know the rate better than n independent ones, so the exact interval is a floor. Never
+    zero-width for a finite sample.
+    """
+    values = np.asarray(protected, dtype=np.float64)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    k = round(float(values.sum()))
+    exact = exact_binomial_ci(k, int(values.size), confidence=confidence)
+    if len(set(np.asarray(identities).tolist())) <= 1:
+        return exact
+    lo, hi = clustered_bootstrap_ci(values, identities, rng=rng, resamples=resamples, confidence=confidence)
+    return (min(lo, exact[0]), max(hi, exact[1]))

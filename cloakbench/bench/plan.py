@@ -83,6 +83,7 @@ def cells_of(suite: Suite, task: Task) -> int:
         return len(suite.service_protocols(svc)) * len(suite.defenses)
     trackers = len(suite.classifiers) if Protocol.POISONING in suite.protocols else 0
     trackers += 1 if Protocol.EVASION in suite.protocols else 0
+    trackers += 1 if Protocol.PROBE_CLOAKING in suite.protocols else 0
     cm = next(c for c in suite.countermeasures if c.label == task.countermeasure)
     if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols and _white_box(task.subject):
         from cloakbench.attacks.adaptation import ADAPTATIONS, TrainingData

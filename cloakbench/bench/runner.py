@@ -36,9 +36,9 @@ from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.classifiers import CLASSIFIERS
 from cloakbench.bench.metrics import (
-    bootstrap_ci,
     gallery_ranks,
     predicted_labels,
+    protection_interval,
     protection_rate,
     rank_of_true,
     topk_correct,
@@ -46,8 +46,8 @@ from cloakbench.bench.metrics import (
 from cloakbench.bench.plan import Task, TaskKind, plan_tasks
 from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, DatasetSource, DefenseSpec, Protocol, Suite
 from cloakbench.bench.timing import StageTimer, run_with_oom_retry
-from cloakbench.bench.views import Plain, Retrained, View, make_view_provider
-from cloakbench.config import stable_hash
+from cloakbench.bench.views import Plain, Retrained, View, make_view_provider, training_defenses
+from cloakbench.config import source_digest, stable_hash
 from cloakbench.datasets import (
     Manifest,
     Split,
@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 
 GALLERY_SEARCH = "gallery-search"  # the evasion protocol's tracker: rank gallery photos by cosine similarity
 SOFTMAX = "softmax"  # the end-to-end tracker's own classifier (the head trained with the extractor)
-CLOAK_VERSION = 2  # bump when the cloaking pipeline changes in a way the configs do not capture
+CLOAK_VERSION = 2  # bump when the cloaking pipeline changes in a way the configs and the code digest do not capture
+DEFENSE_CODE = ("cloakbench.defenses", "cloakbench.attacks.transforms")  # hashed into every cloak's cache key
 # 2: budgets enforced after rounding, PNG round trip, SSIM windows centred on every pixel
 
 
@@ -259,6 +260,10 @@ class _Cloaks:
     seconds_per_image: float | None
     error: str | None = None
     surrogate_weights: frozenset[str] | None = None  # weights the defense optimised against (none for noise)
+    # probe-cloaking protocol: each protected identity's query photos under the universal mask fitted on its
+    # enrollment photos (uint8 [n, H, W, 3]), and their cache keys
+    probes: dict[str, np.ndarray] = field(default_factory=dict)
+    probe_key: dict[str, str] = field(default_factory=dict)
 
 
 def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: ModelPool) -> Any:
@@ -285,14 +290,20 @@ def cloak_all(
     uninterrupted one would)."""
     defense = make_defense(suite.cloak_source(spec), data, seed, models)  # entries that cloak alike share cloaks
     identities = data.protected if identities is None else tuple(identities)
+    # the code that makes the cloak is part of its key: a cloak cached by older code is never read as this code's
+    code = source_digest(defense, packages=DEFENSE_CODE)
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
     seconds = 0.0
     photos = 0
+    probes: dict[str, np.ndarray] = {}
+    probe_keys: dict[str, str] = {}
+    want_probes = Protocol.PROBE_CLOAKING in suite.protocols and not per_identity
+    want_probes = want_probes and set(identities) <= set(data.protected)
     for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
         idx = data.train[ident][:per_identity] if per_identity else data.train[ident]
         originals = data.images[idx]
-        key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), seed, ident, [data.shas[i] for i in idx])
+        key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), code, seed, ident, [data.shas[i] for i in idx])
         keys[ident] = stable_hash(key_parts, length=24)
         measured: list[float] = []
 
@@ -312,6 +323,18 @@ def cloak_all(
             seconds += float(cost[0])
             photos += originals.shape[0]
         out[ident] = arr
+        if want_probes:  # the same mask (same generator) fitted on these enrollment photos cloaks the query photos
+            q_idx = data.query[ident]
+            probe_parts = (*key_parts, "probes", [data.shas[i] for i in q_idx])
+            probe_keys[ident] = stable_hash(probe_parts, length=24)
+            probes[ident] = cache.get_or_compute(
+                "cloaks",
+                probe_parts,
+                functools.partial(
+                    _cloak_probes, defense, originals, data.images[q_idx],
+                    torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict())), clock,
+                ),
+            )  # fmt: skip
         if quality_rows is None:
             continue
         q = quality_report(originals, from_uint8(arr))
@@ -327,8 +350,18 @@ def cloak_all(
             )
     used = frozenset(getattr(s, "base", s).weights_id for s in defense.surrogates)  # an EOT wrapper's base model
     return _Cloaks(
-        images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used
-    )
+        images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used,
+        probes=probes, probe_key=probe_keys,
+    )  # fmt: skip
+
+
+def _cloak_probes(
+    defense: Any, enrollment: torch.Tensor, queries: torch.Tensor, generator: torch.Generator, clock: StageClock | None
+) -> np.ndarray:
+    """Query photos under the universal mask fitted on the enrollment photos (a defense with fit/apply)."""
+    with clock.stage("cloaking") if clock else contextlib.nullcontext():
+        mask = defense.fit(enrollment, generator=generator)
+        return png_round_trip(to_uint8(defense.apply(mask, queries)))
 
 
 def _seconds_array(measured: list[float]) -> np.ndarray:
@@ -667,8 +700,9 @@ def _cell_rows(
     n_candidates = len(data.train) if cell["protocol"] == Protocol.POISONING.value else len(data.all_train)
     clean_acc = float(topk_correct(np.concatenate([o.ranks_clean for o in outcomes]), 1).mean())
     rng = np.random.default_rng(derive_seed("bootstrap", cell))
-    lo, hi = bootstrap_ci(
-        1.0 - correct.astype(np.float64), rng=rng,
+    people = np.concatenate([np.full(o.ranks.size, o.ident, dtype=object) for o in outcomes])
+    lo, hi = protection_interval(
+        1.0 - correct.astype(np.float64), people, rng=rng,
         resamples=suite.bootstrap.resamples, confidence=suite.bootstrap.confidence,
     )  # fmt: skip
     row = {
@@ -700,7 +734,7 @@ class _Tracker:
     def ranks(
         self, enrolled: np.ndarray, labels: Sequence[str], queries: np.ndarray, truth: Sequence[str]
     ) -> tuple[np.ndarray, list[str]]:
-        if self.protocol is Protocol.EVASION:
+        if self.protocol in (Protocol.EVASION, Protocol.PROBE_CLOAKING):
             sims = queries @ enrolled.T
             ranks = gallery_ranks(sims, labels, truth)
             return ranks, [labels[int(i)] for i in sims.argmax(axis=1)]
@@ -715,6 +749,8 @@ def _trackers(suite: Suite) -> list[_Tracker]:
         out += [_Tracker(Protocol.POISONING, name) for name in suite.classifiers]
     if Protocol.EVASION in suite.protocols:
         out.append(_Tracker(Protocol.EVASION, GALLERY_SEARCH))
+    if Protocol.PROBE_CLOAKING in suite.protocols:
+        out.append(_Tracker(Protocol.PROBE_CLOAKING, GALLERY_SEARCH))
     return out
 
 
@@ -816,9 +852,13 @@ def _evaluate(
                 identities=identities, per_identity=per_identity, clock=ctx.clock,
             ).images  # fmt: skip
 
+        sources = training_defenses(  # FaceCure's adaptive tracker trains on every defense's cloaks
+            suite.defenses, suite.cloak_source, lambda d: d.label in ctx.cloaks and ctx.cloaks[d.label].error is None
+        )
         provider = make_view_provider(
             cm.name, dict(cm.params), rec, data, seed=derive_seed("adapt", seed) % 2**31, cloak=cloak_public,
             checkpoints=ctx.checkpoints, embed=lambda m, idx: embed(m, idx, apply=False), progress=ctx.progress,
+            defenses=sources,
         )  # fmt: skip
         if provider.adaptation.training_data is TrainingData.ENROLLMENT:
             trackers = [*trackers, _SoftmaxTracker()] if Protocol.POISONING in suite.protocols else trackers
@@ -853,24 +893,28 @@ def _evaluate(
                 clean_ranks, clean_all_acc = clean_memo[memo_key]
                 outcomes = []
                 for ident in data.protected:
-                    view = provider.cloaked(spec, ident)
+                    probing = tracker.protocol is Protocol.PROBE_CLOAKING  # clean gallery, masked unseen queries
+                    view = clean_view if probing else provider.cloaked(spec, ident)
                     model = view.recognizer
                     e_train = embed(model, train_idx, apply=on_enroll)
                     e_query = embed(model, query_idx, apply=on_query)
-                    cloaked = cl.images[ident]
+                    cloaked = cl.probes[ident] if probing else cl.images[ident]
+                    on_cloaked = on_query if probing else on_enroll
                     e_cloak = cache.get_or_compute(
                         "embeddings",
-                        ("cloaked", (model.name, model.describe()), cm_key if on_enroll else None, cl.key[ident]),
-                        lambda cloaked=cloaked, model=model: _embed(  # type: ignore[misc]
-                            model, from_uint8(cloaked), transform if on_enroll else None, t_seed, ctx.clock
+                        ("cloaked", (model.name, model.describe()), cm_key if on_cloaked else None,
+                         cl.probe_key[ident] if probing else cl.key[ident]),
+                        lambda cloaked=cloaked, model=model, on_cloaked=on_cloaked: _embed(  # type: ignore[misc]
+                            model, from_uint8(cloaked), transform if on_cloaked else None, t_seed, ctx.clock
                         ),
-                    )
+                    )  # fmt: skip
                     enrolled = e_train.copy()
                     rows_of_ident = [pos_in_train[int(i)] for i in data.train[ident]]
                     n_cloaked = spec.cloaked_count(len(rows_of_ident))  # the rest stay clean (cloak_fraction)
-                    enrolled[rows_of_ident[:n_cloaked]] = e_cloak[:n_cloaked]
+                    if not probing:
+                        enrolled[rows_of_ident[:n_cloaked]] = e_cloak[:n_cloaked]
                     q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
-                    q_emb = e_query[q_pos]
+                    q_emb = e_cloak if probing else e_query[q_pos]
                     ranks, preds = _ranks(tracker, view, enrolled, train_labels, q_emb, [ident] * len(q_pos))
                     outcomes.append(
                         _Outcome(

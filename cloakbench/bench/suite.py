@@ -26,7 +26,8 @@ Schema (all keys optional unless marked)::
       - {name: jpeg, label: jpeg-75, params: {quality: 75}, apply_to: enrollment | queries | both}
       - {name: adaptive, params: {epochs: 5}}   # end-to-end | adaptive | adversarial (+ -full for GPUs)
     classifiers: [nearest-neighbour, linear]   # the poisoning protocol's classifiers
-    protocols: [poisoning, evasion]  # evasion: gallery search by cosine, rank-1/5/50
+    protocols: [poisoning, evasion]  # evasion: gallery search by cosine, rank-1/5/50; probe-cloaking: OPOM's
+                                     # (universal masks only: fitted on enrollment photos, cloaking the queries)
     seeds: [0]
     device: auto | cpu | cuda
     clean_accuracy_floor: 0.5        # no protection rate is reported below this clean accuracy
@@ -61,6 +62,9 @@ class DatasetSource(enum.Enum):
 class Protocol(enum.Enum):
     POISONING = "poisoning"  # tracker enrols (cloaked) photos, classifies clean queries
     EVASION = "evasion"  # cloaked photos sit in a searchable gallery, clean probes search it (rank-k)
+    # OPOM's protocol: a universal mask fitted on the user's enrollment photos cloaks their query photos (never seen
+    # by the fitting), which search a clean gallery of every identity's enrollment photos (rank-k)
+    PROBE_CLOAKING = "probe-cloaking"
 
 
 class ApplyTo(enum.Enum):
@@ -332,6 +336,12 @@ def _check_names(suite: Suite, where: str) -> None:
     for i, d in enumerate(suite.defenses):
         check(DEFENSES, d.name, f"defenses[{i}].name")
         DEFENSES.get(d.name).check_params(d.params, where=f"{where}: defenses[{i}].params")
+        if Protocol.PROBE_CLOAKING in suite.protocols and "universal" not in DEFENSES.get(d.name).meta.tags:
+            universal = ", ".join(e.name for e in DEFENSES if "universal" in e.meta.tags)
+            raise ConfigError(
+                f"{where}: defenses[{i}]: {d.name!r} makes no universal mask, so it cannot run the probe-cloaking "
+                f"protocol (a mask fitted on enrollment photos, applied to unseen query photos); universal: {universal}"
+            )
         for j, s in enumerate(d.surrogates):
             check(RECOGNIZERS, s, f"defenses[{i}].surrogates[{j}]")
     for i, r in enumerate(suite.recognizers):
@@ -360,6 +370,8 @@ def _check_names(suite: Suite, where: str) -> None:
         check(RECOGNIZERS, svc.backend, f"services[{i}].backend")
         if svc.label in suite.recognizers:
             raise ConfigError(f"{where}: services[{i}]: label {svc.label!r} is also a recognizer name; rename it")
+        if Protocol.PROBE_CLOAKING in suite.protocols:
+            raise ConfigError(f"{where}: services[{i}]: services do not run the probe-cloaking protocol yet")
         if svc.kind is ServiceKind.AZURE and Protocol.EVASION in suite.protocols:
             raise ConfigError(
                 f"{where}: services[{i}]: an azure person group has no gallery search, so it cannot run the "

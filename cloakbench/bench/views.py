@@ -6,8 +6,11 @@ and *what* it retrains on decides how many models a cell needs:
 - ``end-to-end`` trains on the tracker's enrollment set, which holds the protected user's cloaked photos,
   so there is one model per (defense, protected identity), plus one trained on the clean enrollment set
   for the clean accuracy;
-- ``adaptive`` trains on public identities' photos, clean and cloaked by the cell's defense: one model per
-  defense, which serves the clean accuracy too (the tracker adapted before any user cloaked anything);
+- ``adaptive`` (FaceCure's) trains on public identities' photos, clean and cloaked by every defense of the
+  suite (``defenses``: one entry per set of cloaks): one model for the whole recognizer, which serves the
+  clean accuracy too (the tracker adapted before any user cloaked anything);
+- ``adaptive-anchored`` trains on public identities' photos, clean and cloaked by the cell's defense: one
+  model per defense, which serves the clean accuracy too;
 - ``adversarial`` trains on clean public photos with PGD: one model for the whole recognizer.
 
 The public identities are the dataset's identities that are not protected (when at least two are left),
@@ -17,7 +20,7 @@ them each), never a query photo. Models are trained lazily, once, and their chec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +63,10 @@ class Retrained:
     def __init__(
         self, recognizer: Recognizer, adaptation: Adaptation, data: Any, *, seed: int, cloak: CloakFn,
         checkpoints: FileCheckpoints, embed: Callable[[Recognizer, np.ndarray], np.ndarray], progress: bool = False,
+        defenses: Sequence[Any] = (),
     ) -> None:  # fmt: skip
         self.recognizer = recognizer
+        self.defenses = tuple(defenses)  # every defense spec of the suite, one per set of cloaks (adaptive)
         self.adaptation = adaptation
         self.data = data  # runner.PreparedData
         self.seed = seed
@@ -80,6 +85,8 @@ class Retrained:
             return self._model(("enrollment", None, None), spec=None, ident=None)
         if kind is TrainingData.PUBLIC_CLOAKED:
             return self._model(("public-cloaked", spec.label, self._public(None)), spec=spec, ident=None)
+        if kind is TrainingData.PUBLIC_CLOAKED_ALL:
+            return self._model(("public-cloaked-all", None, self._public(None)), spec=None, ident=None)
         return self._model(("public-clean", None, self._public(None)), spec=None, ident=None)
 
     def cloaked(self, spec: Any, ident: str) -> View:
@@ -88,6 +95,8 @@ class Retrained:
             return self._model(("enrollment", spec.label, ident), spec=spec, ident=ident)
         if kind is TrainingData.PUBLIC_CLOAKED:
             return self._model(("public-cloaked", spec.label, self._public(ident)), spec=spec, ident=ident)
+        if kind is TrainingData.PUBLIC_CLOAKED_ALL:
+            return self._model(("public-cloaked-all", None, self._public(ident)), spec=None, ident=ident)
         return self._model(("public-clean", None, self._public(ident)), spec=None, ident=ident)
 
     # -- training sets ---------------------------------------------------------------------------------------
@@ -125,6 +134,18 @@ class Retrained:
         labels = tuple(data.labels[i] for i in flat)
         if kind == "public-clean":
             return TrainingSet(images=clean, labels=labels), f"{len(what)} public identities, clean"
+        if kind == "public-cloaked-all":  # FaceCure: each clean photo, then its cloak by every defense
+            if not self.defenses:
+                raise ValueError("the adaptive tracker trains on every defense's cloaks, and the suite has none")
+            sets = [clean]
+            for d in self.defenses:
+                made_d = self.cloak(d, what, self.per_identity)
+                sets.append(torch.cat([from_uint8(made_d[i]) for i in what]))
+            n = len(sets)
+            return (
+                TrainingSet(images=torch.cat(sets), labels=labels * n, references=torch.cat([clean] * n)),
+                f"{len(what)} public identities, clean + cloaked by {', '.join(d.label for d in self.defenses)}",
+            )
         made = self.cloak(spec, what, self.per_identity)
         cloaked = torch.cat([from_uint8(made[i]) for i in what])
         return (
@@ -164,11 +185,21 @@ class Retrained:
         return float(topk_correct(np.where(predicted == query_labels, 1, 2), 1).mean())
 
 
+def training_defenses(
+    defenses: Sequence[Any], cloak_source: Callable[[Any], Any], usable: Callable[[Any], bool]
+) -> list[Any]:
+    """The defenses whose cloaks FaceCure's adaptive tracker trains on: every usable entry of the suite, one per
+    set of cloaks (``cloak_source``: entries that differ only in label or ``cloak_fraction`` share cloaks)."""
+    return [d for d in defenses if cloak_source(d) is d and usable(d)]
+
+
 def make_view_provider(
     name: str, params: dict[str, Any], recognizer: Recognizer, data: Any, *, seed: int, cloak: CloakFn,
     checkpoints: FileCheckpoints, embed: Callable[[Recognizer, np.ndarray], np.ndarray], progress: bool = False,
+    defenses: Sequence[Any] = (),
 ) -> Retrained:  # fmt: skip
     adaptation = ADAPTATIONS.create(name, **params)
     return Retrained(
-        recognizer, adaptation, data, seed=seed, cloak=cloak, checkpoints=checkpoints, embed=embed, progress=progress
-    )
+        recognizer, adaptation, data, seed=seed, cloak=cloak, checkpoints=checkpoints, embed=embed, progress=progress,
+        defenses=defenses,
+    )  # fmt: skip

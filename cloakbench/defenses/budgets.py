@@ -166,3 +166,32 @@ def quality_report(original: torch.Tensor, perturbed: torch.Tensor) -> dict[str,
             "ssim": s,
             "dssim": (1.0 - s) / 2.0,
         }
+
+
+def ssim_tf(original: torch.Tensor, perturbed: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM per image as TensorFlow's ``tf.image.ssim`` computes it (differentiable).
+
+    The same Gaussian window, constants and channel average as :func:`ssim`, but only *valid* windows
+    (no padding: a 112x112 image gives a 102x102 map), as TensorFlow's depthwise convolution with
+    ``padding='VALID'``; the local variances are ``E[x^2 + y^2] - mu_x^2 - mu_y^2`` as TensorFlow writes
+    them. Scale-free: TensorFlow on 0..255 with ``max_val=255`` is this on [0, 1] (``max_val`` 1). This is
+    the measure Fawkes' code bounds; :func:`ssim` (centred windows) is cloakbench's.
+    """
+    channels = original.shape[1]
+    w = _gaussian_window(window, sigma, channels, original)
+    c1, c2 = 0.01**2, 0.03**2
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, groups=channels)
+
+    mu_x, mu_y = blur(original), blur(perturbed)
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    cs = (2 * blur(original * perturbed) - 2 * mu_x * mu_y + c2) / (
+        blur(original * original + perturbed * perturbed) - mu_x**2 - mu_y**2 + c2
+    )
+    return (luminance * cs).flatten(1).mean(dim=1)
+
+
+def dssim_tf(original: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """(1 - SSIM) / 2 with TensorFlow's valid-window SSIM (:func:`ssim_tf`), as Fawkes computes its DSSIM."""
+    return (1.0 - ssim_tf(original, perturbed)) / 2.0

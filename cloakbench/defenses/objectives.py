@@ -86,3 +86,12 @@ def signed_gradient_ascent(
             adv = adv + step_size * grad.sign()
             adv = (x + (adv - x).clamp(-epsilon, epsilon)).clamp(0, 1)
     return adv.detach()
+
+
+def squared_distance_over_norm(feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per image, the sum over surrogates of ||f(x') - f(ref)||^2 / ||f(ref)|| (Fawkes v1.0's feature term:
+    the squared distance over the reference's norm, not its square; 1 for unit-norm embeddings)."""
+    total = torch.zeros(feats[0].shape[0], device=feats[0].device)
+    for f, r in zip(feats, refs, strict=True):
+        total = total + (f - r).pow(2).sum(dim=1) / r.norm(dim=1)
+    return total

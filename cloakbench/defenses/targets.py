@@ -1,11 +1,21 @@
 """Public identities a targeted cloak imitates, and Fawkes' choice of target among them.
 
-Fawkes (paper version) moves the user's photos towards a *public* identity T whose feature centroid is
-far from the user's: it ranks the public identities by centroid distance in the surrogates' feature
-space and picks one at random among the 20 farthest. A pool is any aligned ``root/<identity>/<image>``
-folder; ``"demo"`` is the celeb5 demo set (5 public figures, none of them in celeb24), ``"dataset"`` is
-the benchmark's own non-protected identities (supplied by the bench). The protected identities are
-always left out of the pool, by name.
+Fawkes (paper version) moves the user's photos towards a *public* identity T far from the user in the
+surrogates' feature space. The 0.3 release (``fawkes/utils.py:select_target_label``) does it this way:
+each public identity has one precomputed embedding; for each one it takes the *smallest* L2 distance to
+any of the user's photos (the features of several extractors concatenated), ranks the identities by that
+distance, farthest first, and draws one at random among the 20 farthest; then 10 photos of T are drawn at
+random, one per user photo (the list repeated while shorter than the user's). :func:`choose_target` and
+:func:`target_photos` do the same with cloakbench's surrogates, each identity's embedding being its
+normalised feature centroid under each surrogate (the original's precomputed embeddings are not
+documented).
+
+The original pool is the authors' own set of public identities (embeddings and 10 photos each, served from
+their mirror, not in the repository). Here a pool is any aligned ``root/<identity>/<image>`` folder;
+``"dataset"`` is the benchmark's own non-protected identities (supplied by the bench: 23 on celeb24 with
+one user protected), ``"demo"`` the celeb5 demo set (5 public figures, none of them in celeb24), and
+``"auto"`` (the default) the larger one available: the dataset's when the bench supplies it, otherwise
+the demo set. The protected identities are always left out of the pool, by name.
 """
 
 from __future__ import annotations
@@ -55,8 +65,15 @@ def public_faces_from_folder(root: Path | str, *, source: str | None = None) -> 
     return PublicFaces(source=source or str(root), images=images, digest=stable_hash(shas))
 
 
+TARGET_POOLS = ("auto", "dataset", "demo")
+"""The named pools; anything else is a folder path."""
+
+
 def load_target_pool(spec: str, *, dataset_pool: PublicFaces | None) -> PublicFaces:
-    """``"demo"``, ``"dataset"`` (needs the bench's pool) or a folder path."""
+    """``"auto"`` (the bench's pool when there is one, else the demo set), ``"demo"``, ``"dataset"`` (needs
+    the bench's pool) or a folder path."""
+    if spec == "auto":
+        spec = "dataset" if dataset_pool is not None else "demo"
     if spec == "demo":
         from cloakbench.datasets import demo_dataset
 
@@ -66,12 +83,12 @@ def load_target_pool(spec: str, *, dataset_pool: PublicFaces | None) -> PublicFa
         if dataset_pool is None:
             raise ConfigError(
                 "target_pool 'dataset' means the benchmark dataset's other identities, and there is none here; "
-                "use 'demo' or the path of an aligned root/<identity>/<image> folder"
+                "use 'auto', 'demo' or the path of an aligned root/<identity>/<image> folder"
             )
         return dataset_pool
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"target_pool {spec!r} is not 'demo', 'dataset' or an existing folder")
+        raise ConfigError(f"target_pool {spec!r} is not 'auto', 'demo', 'dataset' or an existing folder")
     return public_faces_from_folder(path)
 
 
@@ -94,21 +111,33 @@ def choose_target(
     pool: PublicFaces, user_images: torch.Tensor, surrogates: Sequence[Recognizer], *, farthest: int,
     generator: torch.Generator, centroids: Mapping[str, list[torch.Tensor]] | None = None,
 ) -> TargetChoice:  # fmt: skip
-    """Rank public identities by the distance of their centroid to the user's (summed over surrogates,
-    cosine distance of the normalised centroids) and draw one among the ``farthest``. ``centroids`` (from
-    :func:`pool_centroids`, possibly of a larger pool) saves re-embedding the pool on every call."""
+    """Fawkes 0.3's choice: rank public identities by the smallest L2 distance from their embedding to any
+    of the user's photos (each surrogate's unit-norm features concatenated), farthest first, and draw one
+    among the ``farthest``. ``centroids`` (from :func:`pool_centroids`, possibly of a larger pool) saves
+    re-embedding the pool on every call."""
     if not pool.images:
         raise ConfigError(f"target pool {pool.source!r} has no identity left once the protected ones are removed")
     names = sorted(pool.images)
     if centroids is None or any(n not in centroids for n in names):
         centroids = pool_centroids(pool, surrogates)
-    distance = torch.zeros(len(names))
     with torch.no_grad():
-        for k, s in enumerate(surrogates):
-            user = torch.nn.functional.normalize(s.embed_batched(user_images).mean(dim=0), dim=0)
-            for i, name in enumerate(names):
-                distance[i] += 1.0 - float(user @ centroids[name][k])
+        user = torch.cat([s.embed_batched(user_images) for s in surrogates], dim=1)  # [n, sum of dims]
+        public = torch.stack([torch.cat(list(centroids[name])) for name in names]).to(user)
+        distance = torch.cdist(user.double(), public.double()).amin(dim=0)  # [identities]
     order = sorted(range(len(names)), key=lambda i: (-float(distance[i]), names[i]))
     candidates = tuple(names[i] for i in order[: max(1, farthest)])
     pick = int(torch.randint(len(candidates), (1,), generator=generator))
     return TargetChoice(identity=candidates[pick], candidates=candidates)
+
+
+def target_photos(photos: torch.Tensor, count: int, *, generator: torch.Generator) -> torch.Tensor:
+    """``count`` of the target's photos drawn at random without repetition, the list doubled while it is
+    shorter than ``count`` (Fawkes 0.3: ``random.sample`` of the repeated list, one per user photo)."""
+    n = photos.shape[0]
+    if n == 0:
+        raise ConfigError("the target identity has no photos")
+    copies = 1
+    while n * copies < count:
+        copies *= 2
+    pick = torch.randperm(n * copies, generator=generator)[:count]
+    return photos[pick % n]

@@ -2,8 +2,9 @@
 
 Seeds are pooled: a suite run with several seeds gets one row per (protocol, defense, recognizer,
 countermeasure, classifier), whose protection rate is over every query photo of every seed and whose
-bootstrap interval resamples those photos (``seed`` 0 of NumPy's generator, the suite's resamples and
-confidence: the same run always gives the same interval). A single seed keeps the interval the run stored.
+interval is :func:`~cloakbench.bench.metrics.protection_interval` over those photos, a person seen in several
+seeds being one cluster (``seed`` 0 of NumPy's generator, the suite's resamples and confidence: the same run
+always gives the same interval). A single seed keeps the interval the run stored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cloakbench.bench.metrics import bootstrap_ci
+from cloakbench.bench.metrics import INTERVAL_METHOD, protection_interval
 from cloakbench.reports.data import RunData
 from cloakbench.reports.render import Column, Estimate, Table
 from cloakbench.reports.worst_case import ANY_RECOGNIZER, truthy, worst_case
@@ -86,9 +87,11 @@ def pooled_cells(data: RunData) -> list[dict[str, Any]]:
         groups[tuple(str(cell.get(k, "")) for k in CELL)].append(cell)
     correct: dict[tuple[str, ...], list[bool]] = defaultdict(list)
     ranks: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    people: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for q in data.queries:
         k = tuple(str(q.get(k, "")) for k in PER_SEED)
         correct[k].append(truthy(q.get("correct")))
+        people[k].append(str(q.get("protected_identity", "")))
         ranks[k].append(int(q.get("rank") or 0))
     boot = data.suite.get("bootstrap") or {}
     resamples, confidence = int(boot.get("resamples", 1000)), float(boot.get("confidence", 0.95))
@@ -115,7 +118,10 @@ def pooled_cells(data: RunData) -> list[dict[str, Any]]:
             per_seed = [(str(c["seed"]), *key) for c in ok]
             flags = np.array([f for k in per_seed for f in correct[k]], dtype=bool)
             protected = 1.0 - flags.astype(np.float64)
-            lo, hi = bootstrap_ci(protected, rng=np.random.default_rng(0), resamples=resamples, confidence=confidence)
+            who = [p for k in per_seed for p in people[k]]  # one person over several seeds is one cluster
+            lo, hi = protection_interval(
+                protected, who, rng=np.random.default_rng(0), resamples=resamples, confidence=confidence
+            )
             row["protection"] = Estimate(float(protected.mean()) if protected.size else float("nan"), lo, hi)
         out.append(row)
     return data.sort(out, CELL)
@@ -165,9 +171,10 @@ def protection_table(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> Tabl
         title="Protection rate",
         caption=(
             "Share of the protected identities' query photos the tracker did not identify (1 - top-1 accuracy), "
-            f"with a {confidence:.0%} bootstrap interval over photos; seeds pooled. 'oblivious': the recognizer "
-            "had no part in making the cloak. Top-5 / top-50: the tracker's accuracy on the same photos when the "
-            "true identity (poisoning) or one of its photos (evasion) only has to be among the first k candidates "
+            f"with a {confidence:.0%} interval whose unit is the person ({INTERVAL_METHOD}); seeds pooled. "
+            "'oblivious': the recognizer had no part in making the cloak. Top-5 / top-50: the tracker's accuracy on "
+            "the same photos when the true identity (poisoning) or one of its photos (evasion) only has to be among "
+            "the first k candidates "
             "('–' where k covers every candidate)."
         ),
         columns=(

@@ -24,7 +24,7 @@ def _md_escape(text: str) -> str:
 
 
 def markdown_summary(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One line per cell: protection rate with its bootstrap CI, clean accuracy and the budget used."""
+    """One line per cell: protection rate with its interval (per person), clean accuracy and the budget used."""
     header = [
         "protocol", "defense", "recognizer", "countermeasure", "classifier", "seed", "protection (95% CI)",
         "clean acc.", "top-5 / top-50 acc.", "L-inf (/255)", "PSNR dB", "SSIM", "status",

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cloakbench.bench.metrics import bootstrap_ci
+from cloakbench.bench.metrics import protection_interval
 
 CELL_KEYS = ("seed", "protocol", "defense", "recognizer", "countermeasure", "classifier")
 ANY_RECOGNIZER = "*"
@@ -41,9 +41,9 @@ def worst_case(
     confidence: float = 0.95, seed: int = 0,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per group: the protection rate when a photo counts as protected only if no countermeasure
-    identified it, with a bootstrap CI over photos, the countermeasures counted, and the strongest one (the
-    one that identified the most photos; on a tie the first in the rows' order, which is the suite's:
-    ``none`` before any countermeasure)."""
+    identified it, with its interval (:func:`~cloakbench.bench.metrics.protection_interval`), the countermeasures
+    counted, and the strongest one (the one that identified the most photos; on a tie the first in the rows'
+    order, which is the suite's: ``none`` before any countermeasure)."""
     ok = {_cell_key(r) for r in summary if str(r.get("status", "")) == "ok"}
     # group -> photo -> identified by any countermeasure so far; group -> countermeasure -> photos it identified
     photos: dict[tuple[str, ...], dict[tuple[str, str], bool]] = defaultdict(dict)
@@ -70,7 +70,8 @@ def worst_case(
     for group in sorted(photos, key=lambda g: (g[0], g[1], g[2], g[3] == ANY_RECOGNIZER, g[3])):
         identified = np.array([photos[group][p] for p in sorted(photos[group])], dtype=bool)
         protected = 1.0 - identified.astype(np.float64)
-        lo, hi = bootstrap_ci(protected, rng=rng, resamples=resamples, confidence=confidence)
+        people = [p[0] for p in sorted(photos[group])]
+        lo, hi = protection_interval(protected, people, rng=rng, resamples=resamples, confidence=confidence)
         trackers = hits[group]
         strongest = max(trackers, key=lambda t: len(trackers[t]))  # ties: the first in the rows' (suite) order
         n = len(identified)

@@ -43,7 +43,7 @@ def sface() -> TorchRecognizer:
     return rec
 
 
-@pytest.mark.parametrize("name", ["end-to-end", "adaptive", "adversarial"])
+@pytest.mark.parametrize("name", ["end-to-end-anchored", "adaptive-anchored", "adversarial"])
 def test_adaptation_epoch(benchmark: Any, name: str, training_set: TrainingSet, sface: TorchRecognizer) -> None:
     adaptation = ADAPTATIONS.create(name, epochs=1, batch_size=BATCH, attack_steps=3)
     benchmark.group = f"adaptation epoch (sface, {IMAGES} faces, batch {BATCH})"

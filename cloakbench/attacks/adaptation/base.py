@@ -6,9 +6,12 @@ the model, a transform changes the pixels.
 An :class:`Adaptation` declares which data it trains on (:class:`TrainingData`), and the bench assembles
 that data from the suite (the adaptation knows nothing of suites or defenses):
 
-- ``end-to-end``: the tracker's own enrollment set, the protected user's cloaked photos included;
-- ``adaptive``: photos of *public* identities (the tracker's own collection, not the protected users),
-  clean and cloaked by the same defense, labelled correctly (FaceCure's adaptive tracker);
+- ``end-to-end`` (and ``end-to-end-anchored``): the tracker's own enrollment set, the protected user's cloaked
+  photos included;
+- ``adaptive``: photos of *public* identities (the tracker's own collection, not the protected users), clean
+  and cloaked by every defense of the suite, each cloak labelled with its true identity (FaceCure's robust
+  extractor, ``train_robust_features.py``);
+- ``adaptive-anchored``: the same public photos, clean and cloaked by the cell's own defense only;
 - ``adversarial``: clean photos of public identities; the cloaks are made on the fly by PGD against the
   model being trained (Madry et al.'s adversarial training).
 
@@ -36,6 +39,7 @@ from cloakbench.images import check_images
 class TrainingData(enum.Enum):
     ENROLLMENT = "enrollment"  # the tracker's enrollment set as it is (cloaks included)
     PUBLIC_CLOAKED = "public-cloaked"  # public identities, clean + cloaked by the same defense
+    PUBLIC_CLOAKED_ALL = "public-cloaked-all"  # public identities, clean + cloaked by every defense of the suite
     PUBLIC_CLEAN = "public-clean"  # public identities, clean (adversarial training makes its own perturbations)
 
 
@@ -92,18 +96,27 @@ class TrainReport:
 
 @dataclass
 class Adapted:
-    """A retrained recognizer and the softmax head trained with it."""
+    """A retrained recognizer and the softmax head trained with it.
+
+    The head is either a cosine head (``bias`` is None: unit-norm class weights, the anchored recipe) or a
+    linear layer with a bias on the unit-norm embedding (FaceCure's recipe)."""
 
     recognizer: TorchRecognizer
     classes: tuple[str, ...]
-    head: torch.Tensor  # [C, D] class weights of the cosine softmax head
+    head: torch.Tensor  # [C, D] class weights
     report: TrainReport
+    bias: torch.Tensor | None = None  # [C]; None: a cosine head
 
     def head_scores(self, embeddings: np.ndarray) -> np.ndarray:
-        """[Q, C] cosine scores of unit-norm embeddings against the head's classes (columns: :attr:`classes`)."""
-        w = F.normalize(self.head.detach().cpu().float(), dim=1).numpy()
-        scores: np.ndarray = np.asarray(embeddings, dtype=np.float32) @ w.T
-        return scores
+        """[Q, C] scores of unit-norm embeddings for the head's classes (columns: :attr:`classes`): cosines for
+        a cosine head, logits for a linear head (their argmax and ranking are the softmax's)."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        if self.bias is None:
+            w = F.normalize(self.head.detach().cpu().float(), dim=1).numpy()
+            cosines: np.ndarray = x @ w.T
+            return cosines
+        logits: np.ndarray = x @ self.head.detach().cpu().float().numpy().T + self.bias.detach().cpu().float().numpy()
+        return logits
 
 
 class Adaptation(abc.ABC):

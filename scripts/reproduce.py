@@ -25,7 +25,7 @@ from pathlib import Path
 from cloakbench.cache import overlay_cache
 from cloakbench.reports.data import load_run
 from cloakbench.reports.render import to_markdown
-from cloakbench.reports.reproduction import headline, side_by_side
+from cloakbench.reports.reproduction import PUBLISHED, headline, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,8 @@ def store(name: str, numbers: dict[str, object], report: Path) -> None:
         if not png.name.startswith("grids"):
             shutil.copy2(png, target / "figures" / png.name)
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(docs.glob("*.json"))}
+    published = {p.ours for p in PUBLISHED}
+    runs = {k: v for k, v in runs.items() if published & set(v.get("cells") or {})}  # a column only where it helps
     (docs / "side-by-side.md").write_text(to_markdown(side_by_side(runs), heading_level=2))
     print(f"stored {name}.json, tables and figures in {target}; side-by-side.md from {len(runs)} stored runs")
 

@@ -141,7 +141,7 @@ def test_side_by_side_puts_each_runs_cell_beside_the_published_number() -> None:
     assert no_counterpart and all(r["ours"] == "no counterpart" and "run0" not in r for r in no_counterpart)
 
 
-@pytest.mark.parametrize("name", ["facecure-reduced", "lowkey-reduced", "facecure-tiny"])
+@pytest.mark.parametrize("name", ["facecure-reduced", "lowkey-reduced", "facecure-tiny", "opom"])
 def test_stored_numbers_belong_to_the_suite_file_as_it_is(name: str) -> None:
     """Editing a reproduction suite without re-running it would leave numbers on the results page that no
     longer describe the suite: the stored config must be the suite file's, checkout paths aside."""

@@ -114,9 +114,10 @@ def test_loss_is_plain_cross_entropy_of_a_new_linear_head() -> None:
     y = torch.tensor([0, 1, 2, 0, 1])
     module.backbone.train()  # batch statistics, as in training: both forwards below see the same batch
     loss = module.training_step((x, y), 0)
-    feats = F.normalize(module.backbone(rec.preprocess(x)), dim=1)
+    feats = module.backbone(rec.preprocess(x))  # the raw output: FaceCure's Dense reads layers[-1].output
+    assert not torch.allclose(feats.norm(dim=1), torch.ones(5))  # (so the test can tell raw from unit-norm)
     expected = F.cross_entropy(feats @ module.head.weight.T + module.head.bias, y)
-    torch.testing.assert_close(loss, expected)  # nothing else: no anchor term, no scale
+    torch.testing.assert_close(loss, expected)  # nothing else: no anchor term, no scale, no normalisation
 
 
 def test_optimizer_is_keras_adadelta() -> None:
@@ -199,14 +200,27 @@ def test_batches_draw_identities_uniformly_then_a_photo() -> None:
     assert len(minority) == 10  # every photo of the small identity gets drawn
 
 
-def test_linear_head_scores_are_its_logits() -> None:
-    head = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    adapted = Adapted(
-        recognizer=tiny_recognizer(), classes=("a", "b"), head=head * 2, bias=torch.tensor([0.0, 1.5]),
-        report=_report(),
+def test_softmax_is_scored_on_the_raw_features_through_the_logits_recognizer() -> None:
+    """The end-to-end tracker's scores are its head's logits on the extractor's raw output (over their norm,
+    which ranks classes as the softmax does), evaluated without flip test-time augmentation."""
+    rec = tiny_recognizer()
+    data = tiny_set()
+    adapted = ADAPTATIONS.create("end-to-end", epochs=1, steps_per_epoch=3, batch_size=4).adapt(rec, data, seed=0)
+    assert adapted.logits is not None and adapted.bias is not None
+    x = data.images
+    with torch.no_grad():
+        raw = adapted.recognizer.module(rec.preprocess(x))
+        logits = raw @ adapted.head.T + adapted.bias
+    scores = adapted.logits.embed(x)
+    torch.testing.assert_close(scores, F.normalize(logits, dim=1), atol=1e-5, rtol=0)
+    assert torch.equal(scores.argsort(dim=1), logits.argsort(dim=1))
+    assert adapted.logits.weights_id != adapted.recognizer.weights_id and not adapted.logits.spec.flip_tta
+    with pytest.raises(ValueError, match="logits"):
+        adapted.head_scores(np.zeros((1, 8), dtype=np.float32))
+    cosine = Adapted(
+        recognizer=rec, classes=("a", "b"), head=torch.tensor([[2.0, 0.0], [0.0, 1.0]]), report=_report()
     )  # fmt: skip
-    scores = adapted.head_scores(np.array([[1.0, 0.0]], dtype=np.float32))
-    np.testing.assert_allclose(scores, [[2.0, 1.5]])  # the bias counts (a cosine head would give [[1, 0]])
+    np.testing.assert_allclose(cosine.head_scores(np.array([[0.6, 0.8]], dtype=np.float32)), [[0.6, 0.8]])
 
 
 def _report() -> TrainReport:
@@ -278,6 +292,33 @@ def test_adaptive_trains_once_on_clean_photos_and_every_defenses_cloaks() -> Non
     for k, offset in enumerate((0.1, 0.2, 0.3), start=1):
         torch.testing.assert_close(training.images[8 * k : 8 * (k + 1)], clean + offset, atol=1 / 255, rtol=0)
     assert sorted(calls) == ["fawkes", "lowkey", "noise"]
+
+
+def test_adaptive_end_to_end_trains_on_the_enrollment_set_plus_every_defenses_public_cloaks() -> None:
+    """FaceCure's eval_e2e.py --robust: the user's cloaks in the enrollment set, and each public identity's
+    training photos also cloaked by every defense, labelled with their identity; one model per defense and user,
+    and a softmax head over the enrollment set's identities."""
+    provider, adaptation, _ = _provider(TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL)
+    specs = provider.specs  # type: ignore[attr-defined]
+    assert TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL.end_to_end and not TrainingData.PUBLIC_CLOAKED_ALL.end_to_end
+    provider.cloaked(specs[1], "p")  # lowkey's cloaks of the protected user
+    (training,) = adaptation.seen
+    enrollment = tuple(i for i in ("p", "q", "r", "s", "t") for _ in range(2))
+    public = tuple(i for i in ("q", "r", "s", "t") for _ in range(2))
+    assert training.labels == enrollment + public * 3  # the enrollment set, then 3 defenses' public cloaks
+    images = provider.data.images
+    torch.testing.assert_close(training.images[:2], images[:2] + 0.2, atol=1 / 255, rtol=0)  # p: cloaked
+    torch.testing.assert_close(training.images[2:10], images[2:10])  # the others: clean, as scraped
+    for k, offset in enumerate((0.1, 0.2, 0.3)):
+        start = 10 + 8 * k
+        torch.testing.assert_close(training.images[start : start + 8], images[2:10] + offset, atol=1 / 255, rtol=0)
+    provider.cloaked(specs[0], "p")
+    provider.clean(specs[0])
+    assert len(adaptation.seen) == 3  # one model per (defense, user), and one with no user cloaked
+    assert adaptation.seen[2].labels == enrollment + public * 3
+    torch.testing.assert_close(adaptation.seen[2].images[:10], images[:10])
+    assert ADAPTATIONS.create("adaptive-end-to-end").training_data is TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL
+    assert ADAPTATIONS.create("adaptive-end-to-end-full").config == FaceCureConfig()
 
 
 def test_adaptive_anchored_trains_per_defense_on_its_own_cloaks() -> None:

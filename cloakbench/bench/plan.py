@@ -86,9 +86,9 @@ def cells_of(suite: Suite, task: Task) -> int:
     trackers += 1 if Protocol.PROBE_CLOAKING in suite.protocols else 0
     cm = next(c for c in suite.countermeasures if c.label == task.countermeasure)
     if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols and _white_box(task.subject):
-        from cloakbench.attacks.adaptation import ADAPTATIONS, TrainingData
+        from cloakbench.attacks.adaptation import ADAPTATIONS
 
-        if ADAPTATIONS.get(cm.name).create(**dict(cm.params)).training_data is TrainingData.ENROLLMENT:
+        if ADAPTATIONS.get(cm.name).create(**dict(cm.params)).training_data.end_to_end:
             trackers += 1
     return trackers * len(suite.defenses)
 

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloakbench.attacks.adaptation import ADAPTATIONS, FileCheckpoints, TrainingData
+from cloakbench.attacks.adaptation import ADAPTATIONS, FileCheckpoints
 from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer, TorchRecognizer
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
@@ -763,13 +763,19 @@ class _SoftmaxTracker(_Tracker):
 
 def _ranks(
     tracker: _Tracker, view: View, enrolled: np.ndarray, labels: Sequence[str], queries: np.ndarray,
-    truth: Sequence[str],
+    truth: Sequence[str], logits: Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    """Ranks of the true identity; the softmax tracker ranks its head's scores: the ``logits`` recognizer's
+    embeddings of the same queries (FaceCure's head on raw features) or a cosine head on ``queries``."""
     if isinstance(tracker, _SoftmaxTracker):
         assert view.head is not None
-        scores = view.head.head_scores(queries)
+        scores = view.head.head_scores(queries) if view.head.logits is None else (logits or _no_logits)()
         return rank_of_true(scores, view.head.classes, truth), predicted_labels(scores, view.head.classes)
     return tracker.ranks(enrolled, labels, queries, truth)
+
+
+def _no_logits() -> np.ndarray:
+    raise ValueError("the softmax tracker's head reads raw features; no logits were given for its queries")
 
 
 def is_oblivious(spec: DefenseSpec, rec: Recognizer, models: ModelPool, cloaks: _Cloaks | None = None) -> bool:
@@ -860,7 +866,7 @@ def _evaluate(
             checkpoints=ctx.checkpoints, embed=lambda m, idx: embed(m, idx, apply=False), progress=ctx.progress,
             defenses=sources,
         )  # fmt: skip
-        if provider.adaptation.training_data is TrainingData.ENROLLMENT:
+        if provider.adaptation.training_data.end_to_end:
             trackers = [*trackers, _SoftmaxTracker()] if Protocol.POISONING in suite.protocols else trackers
     else:
         provider = Plain(rec)
@@ -888,7 +894,10 @@ def _evaluate(
                 e_train_clean = embed(clean_view.recognizer, train_idx, apply=on_enroll)
                 e_query_clean = embed(clean_view.recognizer, query_idx, apply=on_query)
                 if memo_key not in clean_memo:
-                    ranks_c, _ = _ranks(tracker, clean_view, e_train_clean, train_labels, e_query_clean, query_labels)
+                    ranks_c, _ = _ranks(
+                        tracker, clean_view, e_train_clean, train_labels, e_query_clean, query_labels,
+                        logits=lambda v=clean_view: embed(v.head.logits, query_idx, apply=on_query),  # type: ignore[misc]
+                    )  # fmt: skip
                     clean_memo[memo_key] = (ranks_c, float(topk_correct(ranks_c, 1).mean()))
                 clean_ranks, clean_all_acc = clean_memo[memo_key]
                 outcomes = []
@@ -915,7 +924,10 @@ def _evaluate(
                         enrolled[rows_of_ident[:n_cloaked]] = e_cloak[:n_cloaked]
                     q_pos = [pos_in_query[int(i)] for i in data.query[ident]]
                     q_emb = e_cloak if probing else e_query[q_pos]
-                    ranks, preds = _ranks(tracker, view, enrolled, train_labels, q_emb, [ident] * len(q_pos))
+                    ranks, preds = _ranks(
+                        tracker, view, enrolled, train_labels, q_emb, [ident] * len(q_pos),
+                        logits=lambda v=view, q=q_pos: embed(v.head.logits, query_idx, apply=on_query)[q],  # type: ignore[misc]
+                    )  # fmt: skip
                     outcomes.append(
                         _Outcome(
                             ident=ident, query_idx=data.query[ident], ranks=ranks, preds=preds,

@@ -81,8 +81,8 @@ class Retrained:
     # -- which model a cell uses ---------------------------------------------------------------------------
     def clean(self, spec: Any) -> View:
         kind = self.adaptation.training_data
-        if kind is TrainingData.ENROLLMENT:
-            return self._model(("enrollment", None, None), spec=None, ident=None)
+        if kind.end_to_end:
+            return self._model((kind.value, None, None), spec=None, ident=None)
         if kind is TrainingData.PUBLIC_CLOAKED:
             return self._model(("public-cloaked", spec.label, self._public(None)), spec=spec, ident=None)
         if kind is TrainingData.PUBLIC_CLOAKED_ALL:
@@ -91,8 +91,8 @@ class Retrained:
 
     def cloaked(self, spec: Any, ident: str) -> View:
         kind = self.adaptation.training_data
-        if kind is TrainingData.ENROLLMENT:
-            return self._model(("enrollment", spec.label, ident), spec=spec, ident=ident)
+        if kind.end_to_end:
+            return self._model((kind.value, spec.label, ident), spec=spec, ident=ident)
         if kind is TrainingData.PUBLIC_CLOAKED:
             return self._model(("public-cloaked", spec.label, self._public(ident)), spec=spec, ident=ident)
         if kind is TrainingData.PUBLIC_CLOAKED_ALL:
@@ -117,7 +117,7 @@ class Retrained:
     def _training_set(self, key: Any, spec: Any, ident: str | None) -> tuple[TrainingSet, str]:
         data = self.data
         kind, _, what = key
-        if kind == "enrollment":
+        if kind in (TrainingData.ENROLLMENT.value, TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL.value):
             idx = data.all_train
             images = data.images[idx].clone()
             if ident is not None:
@@ -127,7 +127,18 @@ class Retrained:
                 images[[pos[int(i)] for i in data.train[ident][:n_cloaked]]] = from_uint8(user_cloaks[:n_cloaked])
             labels = tuple(data.labels[i] for i in idx)
             # the tracker has only what it scraped: no clean originals of the user's cloaked photos
-            return TrainingSet(images=images, labels=labels), "enrollment" + (f" ({ident} cloaked)" if ident else "")
+            description = "enrollment" + (f" ({ident} cloaked)" if ident else "")
+            if kind == TrainingData.ENROLLMENT.value:
+                return TrainingSet(images=images, labels=labels), description
+            # FaceCure's eval_e2e.py --robust: each public identity's training photos also appear cloaked by
+            # every defense (public_per_identity of them on CPU), labelled with their true identity
+            public = self._public(ident)
+            extra, extra_labels = self._public_cloaks(public)
+            return (
+                TrainingSet(images=torch.cat([images, *extra]), labels=labels + extra_labels * len(extra)),
+                f"{description} + {len(public)} public identities cloaked by "
+                + ", ".join(d.label for d in self.defenses),
+            )
         chosen = self._public_indices(what)
         flat = np.concatenate([chosen[i] for i in what])
         clean = data.images[flat]
@@ -135,15 +146,10 @@ class Retrained:
         if kind == "public-clean":
             return TrainingSet(images=clean, labels=labels), f"{len(what)} public identities, clean"
         if kind == "public-cloaked-all":  # FaceCure: each clean photo, then its cloak by every defense
-            if not self.defenses:
-                raise ValueError("the adaptive tracker trains on every defense's cloaks, and the suite has none")
-            sets = [clean]
-            for d in self.defenses:
-                made_d = self.cloak(d, what, self.per_identity)
-                sets.append(torch.cat([from_uint8(made_d[i]) for i in what]))
-            n = len(sets)
+            sets, _ = self._public_cloaks(what)
+            n = len(sets) + 1
             return (
-                TrainingSet(images=torch.cat(sets), labels=labels * n, references=torch.cat([clean] * n)),
+                TrainingSet(images=torch.cat([clean, *sets]), labels=labels * n, references=torch.cat([clean] * n)),
                 f"{len(what)} public identities, clean + cloaked by {', '.join(d.label for d in self.defenses)}",
             )
         made = self.cloak(spec, what, self.per_identity)
@@ -155,6 +161,19 @@ class Retrained:
             f"{len(what)} public identities, clean + cloaked by {spec.label}",
         )
 
+    def _public_cloaks(self, identities: tuple[str, ...]) -> tuple[list[torch.Tensor], tuple[str, ...]]:
+        """Each public identity's chosen photos cloaked by every defense of the suite (one tensor per defense,
+        identities in order) and the labels of one such tensor."""
+        if not self.defenses:
+            raise ValueError(f"{self.adaptation.name} trains on every defense's cloaks, and the suite has none")
+        chosen = self._public_indices(identities)
+        labels = tuple(self.data.labels[i] for ident in identities for i in chosen[ident])
+        sets = []
+        for d in self.defenses:
+            made = self.cloak(d, identities, self.per_identity)
+            sets.append(torch.cat([from_uint8(made[i]) for i in identities]))
+        return sets, labels
+
     def _model(self, key: Any, *, spec: Any, ident: str | None) -> View:
         if key in self._models:
             return self._models[key]
@@ -165,7 +184,7 @@ class Retrained:
         view = View(adapted.recognizer, head=adapted)
         row = {
             "seed": self.seed, "recognizer": self.recognizer.name, "countermeasure": self.adaptation.name,
-            "defense": key[1] or "", "protected_identity": (ident or "") if key[0] == "enrollment" else "",
+            "defense": key[1] or "", "protected_identity": (ident or "") if TrainingData(key[0]).end_to_end else "",
             "training_set": description, **adapted.report.to_row(),
             "clean_accuracy_before": self._clean_nn_accuracy(self.recognizer),
             "clean_accuracy_after": self._clean_nn_accuracy(adapted.recognizer),

@@ -11,6 +11,8 @@ that data from the suite (the adaptation knows nothing of suites or defenses):
 - ``adaptive``: photos of *public* identities (the tracker's own collection, not the protected users), clean
   and cloaked by every defense of the suite, each cloak labelled with its true identity (FaceCure's robust
   extractor, ``train_robust_features.py``);
+- ``adaptive-end-to-end``: the enrollment set as ``end-to-end`` sees it plus the public identities' enrollment
+  photos cloaked by every defense of the suite, labelled correctly (FaceCure's ``eval_e2e.py --robust``);
 - ``adaptive-anchored``: the same public photos, clean and cloaked by the cell's own defense only;
 - ``adversarial``: clean photos of public identities; the cloaks are made on the fly by PGD against the
   model being trained (Madry et al.'s adversarial training).
@@ -41,6 +43,14 @@ class TrainingData(enum.Enum):
     PUBLIC_CLOAKED = "public-cloaked"  # public identities, clean + cloaked by the same defense
     PUBLIC_CLOAKED_ALL = "public-cloaked-all"  # public identities, clean + cloaked by every defense of the suite
     PUBLIC_CLEAN = "public-clean"  # public identities, clean (adversarial training makes its own perturbations)
+    # the enrollment set as it is, plus the public identities' enrollment photos cloaked by every defense of
+    # the suite, labelled correctly (FaceCure's eval_e2e.py --robust: the adaptive end-to-end tracker)
+    ENROLLMENT_PUBLIC_CLOAKED_ALL = "enrollment-public-cloaked-all"
+
+    @property
+    def end_to_end(self) -> bool:
+        """Trains a softmax head over the enrollment set's identities (one model per protected user)."""
+        return self in (TrainingData.ENROLLMENT, TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL)
 
 
 @dataclass(frozen=True)
@@ -98,25 +108,27 @@ class TrainReport:
 class Adapted:
     """A retrained recognizer and the softmax head trained with it.
 
-    The head is either a cosine head (``bias`` is None: unit-norm class weights, the anchored recipe) or a
-    linear layer with a bias on the unit-norm embedding (FaceCure's recipe)."""
+    The head is either a cosine head on the unit-norm embedding (``bias`` is None: unit-norm class weights, the
+    anchored recipe) or a linear layer with a bias on the extractor's raw output (FaceCure's recipe), which
+    comes with :attr:`logits`, the model up to its softmax as a recognizer: its embeddings (logits over their
+    norm) are the scores, since the head's input is not the unit-norm embedding."""
 
     recognizer: TorchRecognizer
     classes: tuple[str, ...]
     head: torch.Tensor  # [C, D] class weights
     report: TrainReport
     bias: torch.Tensor | None = None  # [C]; None: a cosine head
+    logits: TorchRecognizer | None = None  # extractor + linear head; embedding dimension C (columns: classes)
 
     def head_scores(self, embeddings: np.ndarray) -> np.ndarray:
-        """[Q, C] scores of unit-norm embeddings for the head's classes (columns: :attr:`classes`): cosines for
-        a cosine head, logits for a linear head (their argmax and ranking are the softmax's)."""
+        """[Q, C] cosine scores of unit-norm embeddings for a cosine head's classes (columns: :attr:`classes`);
+        their argmax and ranking are the softmax's. A linear head is scored through :attr:`logits` instead."""
+        if self.bias is not None:
+            raise ValueError("a linear head reads the raw features: score it with the `logits` recognizer")
         x = np.asarray(embeddings, dtype=np.float32)
-        if self.bias is None:
-            w = F.normalize(self.head.detach().cpu().float(), dim=1).numpy()
-            cosines: np.ndarray = x @ w.T
-            return cosines
-        logits: np.ndarray = x @ self.head.detach().cpu().float().numpy().T + self.bias.detach().cpu().float().numpy()
-        return logits
+        w = F.normalize(self.head.detach().cpu().float(), dim=1).numpy()
+        cosines: np.ndarray = x @ w.T
+        return cosines
 
 
 class Adaptation(abc.ABC):

@@ -9,7 +9,8 @@ ftramer/FaceCure's ``eval_e2e.py`` and ``train_robust_features.py`` train (both 
 - every layer of the extractor is trainable and its normalisation layers run in training mode (batch
   statistics, running statistics updated), as Keras's ``fit`` runs a trainable BatchNorm;
 - a new linear softmax head (weights Glorot-uniform, bias zero: Keras's ``Dense`` defaults) reads the
-  embedding; the loss is plain cross-entropy, with no other term;
+  extractor's raw output (``teacher_model.layers[-1].output``: Fawkes normalises outside its Keras models), not
+  the unit-norm embedding; the loss is plain cross-entropy, with no other term;
 - Adadelta with Keras 2.2/2.3's defaults: learning rate 1.0, rho 0.95, epsilon 1e-7, one optimizer for the
   extractor and the head;
 - each batch draws ``batch_size`` identities uniformly with replacement, then one photo of each uniformly
@@ -17,9 +18,9 @@ ftramer/FaceCure's ``eval_e2e.py`` and ``train_robust_features.py`` train (both 
   flip, then ``horizontal_flip``'s own rate of 1/2);
 - ``epochs`` x ``steps_per_epoch`` batches (FaceCure: 10 x 500, batch 32).
 
-The one deliberate difference: the head reads the unit-norm embedding, where FaceCure's ``Dense`` reads the
-Fawkes extractor's raw output; the bench scores the end-to-end tracker's softmax from the cached unit-norm
-embeddings, and a bias on raw features would need each photo's feature norm.
+The softmax tracker is scored by a recognizer of its own (:attr:`Adapted.logits`: extractor, then head, no
+flip test-time augmentation), whose embeddings are the logits over their norm: dividing by a positive number
+ranks the classes exactly as the softmax does, and the bench's embedding cache serves them like any other.
 
 **Ours, anchored** (:class:`FineTune`, registered as ``end-to-end-anchored``, ``adaptive-anchored`` and
 ``adversarial``). One training loop serves all three (they differ in their data and in whether PGD perturbs
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import math
@@ -83,7 +85,7 @@ from cloakbench.config import require, source_digest, stable_hash, to_plain
 log = logging.getLogger(__name__)
 
 ADAPT_VERSION = 1  # bump when the training loop changes in a way the config does not capture
-FACECURE_VERSION = 1  # the same, for FaceCure's recipe
+FACECURE_VERSION = 2  # the same, for FaceCure's recipe (2: the head reads the raw features)
 
 
 def training_code() -> str:
@@ -456,8 +458,10 @@ def _facecure_module_class() -> type:
             self.history: list[dict[str, float]] = []
             self._epoch: list[tuple[float, float, int]] = []
 
-        def embed(self, x: torch.Tensor) -> torch.Tensor:
-            return F.normalize(self.backbone(self.preprocess_spec.preprocess(x)), dim=1)
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            """The extractor's raw output, what FaceCure's ``Dense`` head reads (no normalisation)."""
+            out: torch.Tensor = self.backbone(self.preprocess_spec.preprocess(x))
+            return out
 
         def augment(self, x: torch.Tensor) -> torch.Tensor:
             """Flip each photo left-right with probability ``flip_probability`` (seeded)."""
@@ -466,7 +470,7 @@ def _facecure_module_class() -> type:
 
         def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
             x, y = batch
-            logits = self.head(self.embed(self.augment(x)))
+            logits = self.head(self.features(self.augment(x)))
             loss = F.cross_entropy(logits, y)
             correct = float((logits.argmax(dim=1) == y).float().sum())
             self._epoch.append((float(loss.detach()) * x.shape[0], correct, x.shape[0]))
@@ -550,5 +554,16 @@ class FaceCureFineTune(Adaptation):
         )  # fmt: skip
         return Adapted(
             recognizer=adapted, classes=classes, head=module.head.weight.detach().cpu(), report=report,
-            bias=module.head.bias.detach().cpu(),
+            bias=module.head.bias.detach().cpu(), logits=_logits_recognizer(adapted, module.head),
         )  # fmt: skip
+
+
+def _logits_recognizer(adapted: TorchRecognizer, head: torch.nn.Linear) -> TorchRecognizer:
+    """The end-to-end model up to its softmax, as a recognizer: its embedding of a photo is the head's logits
+    on the extractor's raw output, over their norm (the same ranking of classes as the softmax). Evaluated as
+    FaceCure evaluates the model: no flip test-time augmentation."""
+    module = torch.nn.Sequential(copy.deepcopy(adapted.module), copy.deepcopy(head).to(adapted.device))
+    return TorchRecognizer(
+        name=f"{adapted.name}-softmax", module=module, spec=dataclasses.replace(adapted.spec, flip_tta=False),
+        embedding_dim=head.out_features, weights_id=f"{adapted.weights_id}:softmax",
+    )  # fmt: skip

@@ -1,9 +1,9 @@
 """The adaptation registry (``ADAPTATIONS``): CPU-sized entries and ``-full`` entries for GPUs.
 
-``end-to-end`` and ``adaptive`` follow FaceCure's recipe (:class:`FaceCureFineTune`); their ``-full`` entries
-are FaceCure's sizes (10 epochs x 500 batches of 32; every public photo), and the CPU entries the same recipe
-with fewer batches and photos: 1 epoch x 50 batches of 32 (1/100 of FaceCure's 160,000 training examples) and,
-for ``adaptive``, 3 photos per public identity.
+``end-to-end``, ``adaptive`` and ``adaptive-end-to-end`` follow FaceCure's recipe (:class:`FaceCureFineTune`);
+their ``-full`` entries are FaceCure's sizes (10 epochs x 500 batches of 32; every public photo), and the CPU
+entries the same recipe with fewer batches and photos: 1 epoch x 50 batches of 32 (1/100 of FaceCure's 160,000
+training examples) and, for the two adaptive ones, 3 photos per public identity.
 
 ``end-to-end-anchored``, ``adaptive-anchored`` and ``adversarial`` are our anchored loop (:class:`FineTune`:
 Adam, a cosine head initialised at the class centroids, frozen normalisation statistics, an anchor term
@@ -42,6 +42,12 @@ _FACECURE: dict[str, tuple[TrainingData, str]] = {
         "FaceCure's adaptive tracker (train_robust_features.py): the end-to-end recipe on public identities' "
         "photos, clean and cloaked by every defense of the suite, labelled correctly; then nearest-neighbour / "
         "linear on its features",
+    ),
+    "adaptive-end-to-end": (
+        TrainingData.ENROLLMENT_PUBLIC_CLOAKED_ALL,
+        "FaceCure's adaptive end-to-end tracker (eval_e2e.py --robust): the end-to-end recipe on the enrollment "
+        "set (cloaks included) plus the public identities' photos cloaked by every defense of the suite, labelled "
+        "correctly; scored by its softmax and by NN / linear on its features",
     ),
 }
 

@@ -1,16 +1,18 @@
 """Command-line interface: ``cloakbench run | export | report | list | validate | protect | cache | bench``.
 
 Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
-2 bad input (suite, dataset, arguments); 3 a required file could not be fetched; 130 interrupted (the
-finished tasks are in the results store; the same command resumes).
+2 bad input (suite, dataset, arguments, a damaged or empty results store) or a full disk; 3 a required file
+could not be fetched; 130 interrupted (the finished tasks are in the results store; the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
+    from cloakbench.datasets.folder import safe_text
     from cloakbench.protect import CLOAKED, NOT_IMAGE, parse_params, protect_folder
 
     chatty = not (args.quiet or args.json)
@@ -273,10 +276,11 @@ def _cmd_protect(args: argparse.Namespace) -> int:
                 )
                 faces = f"{len(photo.faces)} face{'s' if len(photo.faces) != 1 else ''}"
                 sys.stdout.write(
-                    f"{photo.status:<10} {photo.source.name} -> {photo.output.name}  ({faces}: {budgets})\n"
+                    f"{photo.status:<10} {safe_text(photo.source.name)} -> {safe_text(photo.output.name)}  "
+                    f"({faces}: {budgets})\n"
                 )
-            else:
-                sys.stdout.write(f"{photo.status:<10} {photo.source.name}  ({photo.detail})\n")
+            else:  # names and details quote the user's file names: control characters escaped
+                sys.stdout.write(f"{photo.status:<10} {safe_text(photo.source.name)}  ({safe_text(photo.detail)})\n")
         photos = sum(1 for p in report.photos if p.status != NOT_IMAGE)
         sys.stdout.write(
             f"\n{report.n_cloaked} of {photos} photo(s) cloaked with {report.defense} into {report.out_dir} "
@@ -303,6 +307,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         quick=args.quick,
         progress=None if (args.quiet or args.json) else progress,
+        quiet=args.quiet,
     )
     if args.json:
         payload = {k: result[k] for k in ("run_id", "out_dir", "device", "timings", "kernels", "skipped", "failed")}
@@ -504,6 +509,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FETCH
     except CloakbenchError as exc:
         sys.stderr.write(f"cloakbench: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except sqlite3.Error as exc:  # the store's own methods say which file (StoreError); this is the safety net
+        sys.stderr.write(f"cloakbench: error: an SQLite file failed: {exc}\n")
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.stderr.write(
+            f"cloakbench: error: the disk is full ({exc}); files are replaced whole, so none was left half-written, "
+            "and the results store keeps every finished task; free some space and run the same command again\n"
+        )
         return EXIT_BAD_INPUT
     return code
 

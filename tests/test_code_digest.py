@@ -30,7 +30,8 @@ def test_every_cloak_key_carries_the_defense_code() -> None:
     assert set(runner.DEFENSE_CODE) == {"cloakbench.defenses", "cloakbench.attacks.transforms"}
     root = Path(runner.__file__).resolve().parents[1]
     text = (root / "bench" / "runner.py").read_text()
-    assert 'key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), code,' in text
+    assert '"cloak", CLOAK_VERSION, defense.config_dict(), code, DECODER_VERSION,' in text  # and the decoder's rules
+    assert '"clean", (model.name, model.describe()), cm_key if apply else None, DECODER_VERSION,' in text
 
 
 def test_every_checkpoint_key_carries_the_training_code(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ from cloakbench.attacks.services import (
     RateLimit,
     ResourceAlreadyExistsError,
     ResourceNotFoundError,
+    ServiceEndpoint,
     ServiceServer,
     ThrottlingError,
     identify_top1,
@@ -96,16 +97,19 @@ def groups(recognizer: Recognizer, faces: Faces) -> PersonGroupService:
 
 
 @pytest.fixture(scope="module")
-def url(gallery: FaceCollection, groups: PersonGroupService) -> Iterator[str]:
-    with serve(gallery, groups) as base_url:
-        yield base_url
+def url(gallery: FaceCollection, groups: PersonGroupService) -> Iterator[ServiceEndpoint]:
+    with serve(gallery, groups) as endpoint:
+        yield endpoint
 
 
-def raw_request(base_url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], Any]:
-    host, port = base_url.removeprefix("http://").split(":")
+def raw_request(
+    endpoint: ServiceEndpoint, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, str], Any]:
+    host, port = endpoint.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {endpoint.secret}"}
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), json.loads(resp.read())
     finally:
@@ -148,7 +152,9 @@ def test_clean_probes_are_found_at_rank_1(gallery: FaceCollection, faces: Faces)
     assert [t == name for t, (_, name) in zip(top, faces.probes, strict=True)] == [r == 1 for r in ranks]
 
 
-def test_http_gives_identical_matches_and_similarities(gallery: FaceCollection, faces: Faces, url: str) -> None:
+def test_http_gives_identical_matches_and_similarities(
+    gallery: FaceCollection, faces: Faces, url: ServiceEndpoint
+) -> None:
     client = CollectionClient(url)
     for image, _ in faces.probes:
         local = gallery.search_faces_by_image(GALLERY, image, max_faces=15, face_match_threshold=0.0)
@@ -177,7 +183,9 @@ def test_http_gives_identical_matches_and_similarities(gallery: FaceCollection, 
     assert "over-http" not in client.list_collections()
 
 
-def test_images_are_quantised_like_a_png_in_process_too(gallery: FaceCollection, faces: Faces, url: str) -> None:
+def test_images_are_quantised_like_a_png_in_process_too(
+    gallery: FaceCollection, faces: Faces, url: ServiceEndpoint
+) -> None:
     image = faces.probes[0][0]
     noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(0)) - 0.5
     off_grid = (image + 0.45 / 255 * noise).clamp(0, 1)  # values between the 8-bit levels, rounding back
@@ -341,7 +349,7 @@ def test_identify_needs_training_in_process_and_over_http(recognizer: Recognizer
 
 
 def test_person_group_identifies_clean_probes_identically_over_http(
-    groups: PersonGroupService, faces: Faces, url: str
+    groups: PersonGroupService, faces: Faces, url: ServiceEndpoint
 ) -> None:
     probes = [img for img, _ in faces.probes]
     top1 = identify_top1(groups, GROUP, probes)
@@ -366,7 +374,7 @@ def test_person_group_identifies_clean_probes_identically_over_http(
 
 
 def test_unknown_resources_raise_resource_not_found_in_process_and_over_http(
-    gallery: FaceCollection, groups: PersonGroupService, faces: Faces, url: str
+    gallery: FaceCollection, groups: PersonGroupService, faces: Faces, url: ServiceEndpoint
 ) -> None:
     probe = faces.probes[0][0]
     pairs: list[tuple[Any, Any]] = [(gallery, CollectionClient(url)), (groups, PersonGroupClient(url))]
@@ -418,7 +426,7 @@ BAD_IMAGES: dict[str, tuple[Any, str]] = {
 
 @pytest.mark.parametrize("case", sorted(BAD_IMAGES))
 def test_bad_images_are_invalid_parameter_in_process_and_over_http(
-    case: str, gallery: FaceCollection, faces: Faces, url: str
+    case: str, gallery: FaceCollection, faces: Faces, url: ServiceEndpoint
 ) -> None:
     make, pattern = BAD_IMAGES[case]
     image = make(faces.probes[0][0])
@@ -440,7 +448,7 @@ def test_bad_images_are_invalid_parameter_in_process_and_over_http(
     ],
 )
 def test_bad_arguments_are_invalid_parameter_in_process_and_over_http(
-    kwargs: dict[str, Any], pattern: str, gallery: FaceCollection, faces: Faces, url: str
+    kwargs: dict[str, Any], pattern: str, gallery: FaceCollection, faces: Faces, url: ServiceEndpoint
 ) -> None:
     args = {"collection_id": GALLERY, "image": faces.probes[0][0], **kwargs}
     for api in (gallery, CollectionClient(url)):
@@ -450,7 +458,7 @@ def test_bad_arguments_are_invalid_parameter_in_process_and_over_http(
         gallery.index_faces(GALLERY, faces.probes[0][0], "../x")
 
 
-def test_malformed_requests_get_400(url: str) -> None:
+def test_malformed_requests_get_400(url: ServiceEndpoint) -> None:
     status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", b"{not json")
     assert status == 400 and reply["__type"] == "InvalidParameterException" and "not valid JSON" in reply["message"]
     status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", b'{"CollectionId": "gallery"}')
@@ -469,7 +477,7 @@ def test_server_binds_loopback_only_and_closes_its_port(gallery: FaceCollection)
     assert host == "127.0.0.1" and port > 0
     server.start()
     try:
-        assert raw_request(server.base_url, "GET", "/health")[2] == {"status": "ok"}
+        assert raw_request(server.endpoint, "GET", "/health")[2] == {"status": "ok"}
     finally:
         server.stop()
     assert not port_is_open(port)
@@ -478,9 +486,9 @@ def test_server_binds_loopback_only_and_closes_its_port(gallery: FaceCollection)
     ports: list[int] = []
 
     def fail_inside() -> None:
-        with serve(gallery) as base_url:
-            ports.append(int(base_url.rsplit(":", 1)[1]))
-            assert base_url.startswith("http://127.0.0.1:") and port_is_open(ports[0])
+        with serve(gallery) as endpoint:
+            ports.append(int(endpoint.url.rsplit(":", 1)[1]))
+            assert endpoint.url.startswith("http://127.0.0.1:") and port_is_open(ports[0])
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -504,7 +512,7 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 def test_no_gradient_path_and_no_embedding_leaves_the_service(
-    gallery: FaceCollection, groups: PersonGroupService, faces: Faces, url: str
+    gallery: FaceCollection, groups: PersonGroupService, faces: Faces, url: ServiceEndpoint
 ) -> None:
     probe = faces.probes[0][0].clone().requires_grad_(True)
     results: list[Any] = [
@@ -535,7 +543,9 @@ def test_no_gradient_path_and_no_embedding_leaves_the_service(
             assert not any(isinstance(v, float) for v in leaf)
 
 
-def test_apis_satisfy_their_protocols(gallery: FaceCollection, groups: PersonGroupService, url: str) -> None:
+def test_apis_satisfy_their_protocols(
+    gallery: FaceCollection, groups: PersonGroupService, url: ServiceEndpoint
+) -> None:
     assert isinstance(gallery, CollectionAPI) and isinstance(CollectionClient(url), CollectionAPI)
     assert isinstance(groups, PersonGroupAPI) and isinstance(PersonGroupClient(url), PersonGroupAPI)
     assert not isinstance(gallery, PersonGroupAPI) and not isinstance(groups, CollectionAPI)

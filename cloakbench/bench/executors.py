@@ -280,7 +280,14 @@ def run_into_store(
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - start
-        meta.update(onnxruntime_providers_used=providers, attempt_seconds=seconds, stage_seconds=stages)
+        refused = {key: n for key, n in store.refused_requests().items() if n}
+        for key, n in refused.items():  # someone else found a service's port: say so (the requests changed nothing)
+            warnings.append(f"task {key}: its service's HTTP server refused {n} request(s) from outside the run")
+            log.warning("%s: %s", out_dir, warnings[-1])
+        meta.update(
+            onnxruntime_providers_used=providers, attempt_seconds=seconds, stage_seconds=stages,
+            refused_requests=refused,
+        )  # fmt: skip
         store.finish_attempt(attempt, status="finished", metadata=meta)
         result = result_from_store(store, suite, layout)
         result.timings.update(total_s=seconds)

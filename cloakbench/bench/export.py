@@ -3,6 +3,10 @@
 Row tables (``cells``, ``queries``, ``cloaks``, ``adaptations``) keep the store's column types (booleans as
 booleans, missing numbers as nulls in Parquet and empty fields in CSV); the bookkeeping tables (``tasks``,
 ``timings``, ``attempts``) come along so a reader can see what ran where and how long it took.
+
+The store is opened read-only (see :mod:`cloakbench.bench.store`): exporting never changes it, and a file that
+records no run is refused rather than turned into an empty store. CSV text cells that a spreadsheet would run
+as a formula get a leading ``'`` (:func:`cloakbench.csv_safe.safe_cell`); Parquet keeps the values as stored.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloakbench.bench.store import STORE_FILE, TABLES, ResultsStore
+from cloakbench.bench.store import STORE_FILE, TABLES, ResultsStore, disk_full_is_one_line
 from cloakbench.cache import atomic_path, atomic_write_text
+from cloakbench.csv_safe import safe_cell
 from cloakbench.errors import ConfigError
 
 if TYPE_CHECKING:  # the suite's module pulls in the registries (torch); reading a store must not
@@ -27,12 +32,18 @@ BOOKKEEPING = ("tasks", "timings", "events", "attempts")
 _ARROW = {"INTEGER": "int64", "REAL": "float64", "TEXT": "string", "BOOL": "bool_"}
 
 
+def store_path(results: Path) -> Path:
+    """The store file of a results folder, or ``results`` itself when it is not a folder."""
+    return results / STORE_FILE if results.is_dir() else results
+
+
 def open_store(results: Path) -> ResultsStore:
-    """The store of a results folder (or the ``results.sqlite`` file itself); a clear error when absent."""
-    path = results / STORE_FILE if results.is_dir() else results
+    """The store of a results folder (or the ``results.sqlite`` file itself), opened read-only; a clear error
+    when it is absent, damaged, or records no run."""
+    path = store_path(results)
     if not path.is_file():
         raise ConfigError(f"{results}: no results store here (expected {STORE_FILE}; run a suite into it first)")
-    return ResultsStore(path)
+    return ResultsStore(path, read_only=True)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -64,7 +75,7 @@ def _csv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
-    return value
+    return safe_cell(value)
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -121,13 +132,14 @@ def export_store(results: Path, out_dir: Path, formats: Sequence[str] = FORMATS)
         for table in BOOKKEEPING:
             rows, kinds = _bookkeeping(store, table)
             tables.append((table, rows, kinds))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for table, rows, columns in tables:
-        for fmt in formats:
-            path = out_dir / f"{table}.{fmt}"
-            if fmt == "csv":
-                _write_csv(path, rows, list(columns))
-            else:
-                _write_parquet(path, rows, columns)
-            written.append(path)
+    with disk_full_is_one_line(store_path(results)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for table, rows, columns in tables:
+            for fmt in formats:
+                path = out_dir / f"{table}.{fmt}"
+                if fmt == "csv":
+                    _write_csv(path, rows, list(columns))
+                else:
+                    _write_parquet(path, rows, columns)
+                written.append(path)
     return written

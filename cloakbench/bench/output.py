@@ -16,6 +16,9 @@ Layout of ``<run>/``::
     worst_case.csv/md per protected photo, protected only if every countermeasure of the suite failed
     adaptations.csv   one row per retrained model: training set, epochs, images/s, clean accuracy before/after
     grids/<defense>.png  original / cloaked / 10x amplified difference of the first protected photos
+
+Every file is written to a temporary file and renamed onto its name, so a full disk leaves the previous file
+whole (and says so in one line); CSV text cells that a spreadsheet would run as a formula get a leading ``'``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import yaml
 
 from cloakbench.bench import metadata
 from cloakbench.bench.runner import RunResult, resolve_device
+from cloakbench.bench.store import STORE_FILE, ResultsStore, disk_full_is_one_line
 from cloakbench.bench.suite import Suite
 from cloakbench.cache import atomic_write_text
+from cloakbench.csv_safe import safe_cell
 from cloakbench.png import save_uint8_png
 from cloakbench.reports.summaries import attach_quality
 from cloakbench.reports.tables import markdown_summary, oblivious_table, protection_matrices
@@ -67,7 +72,7 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        writer.writerow({k: ("" if row.get(k) is None else safe_cell(row.get(k))) for k in columns})
     return buffer.getvalue()
 
 
@@ -80,6 +85,11 @@ def write_run(result: RunResult, out_dir: Path, *, attempts_of: Path | None = No
 
     ``attempts_of``: the results store the rows came from; metadata.json then lists every attempt at the run
     (each with its own metadata) and the wall seconds per stage summed over the store's tasks."""
+    with disk_full_is_one_line(attempts_of or out_dir / STORE_FILE):
+        return _write_run(result, out_dir, attempts_of)
+
+
+def _write_run(result: RunResult, out_dir: Path, attempts_of: Path | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     suite = result.suite
     summary = sort_cells(suite, attach_quality(result.summary, result.cloaks))
@@ -87,9 +97,7 @@ def write_run(result: RunResult, out_dir: Path, *, attempts_of: Path | None = No
     meta = metadata.collect(resolve_device(suite.device), onnx_providers=result.onnx_providers)
     meta["timings_s"] = result.timings
     if attempts_of is not None:
-        from cloakbench.bench.store import ResultsStore
-
-        with ResultsStore(attempts_of) as store:
+        with ResultsStore(attempts_of) as store:  # the run's own store (read-only would leave -wal/-shm files)
             meta["results_store"] = str(attempts_of)
             meta["stage_seconds"] = store.stage_seconds()
             meta["attempts"] = store.attempts()

@@ -9,6 +9,14 @@ that clean accuracy reaches the suite's floor.
 
 Cloaked images and embeddings are cached by content (see :mod:`cloakbench.bench.cache`); a failure in
 one defense or recognizer becomes rows with ``status = failed`` and the rest of the grid still runs.
+
+Every cloak, made now or read from the cache, passes one check before anything evaluates it
+(:func:`cloak_problem`): the shape of the photos it cloaks, the defense's budget re-measured on the stored
+pixels, and :func:`~cloakbench.defenses.base.cloak_failures` (a cloak that changed no pixel or did not move
+its own surrogate's embedding is no cloak). A cached cloak is also checked against the SHA-256 recorded when
+it was written (:meth:`~cloakbench.bench.cache.ArtifactCache.get_verified`); one that fails is remade with a
+warning. A fresh cloak that fails makes its defense fail (:class:`~cloakbench.defenses.base.CloakFailure`):
+every cell of it is ``failed`` with the photos and reasons in its note, never ``ok``.
 """
 
 from __future__ import annotations
@@ -57,11 +65,11 @@ from cloakbench.datasets import (
     scan_folder,
     split_per_identity,
 )
-from cloakbench.defenses import DEFENSES, quality_report
+from cloakbench.defenses import DEFENSES, CloakFailure, Defense, cloak_failures, quality_report
 from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
-from cloakbench.images import from_uint8, to_uint8
+from cloakbench.images import DECODER_VERSION, from_uint8, to_uint8
 from cloakbench.png import decode_png, encode_png
 
 log = logging.getLogger(__name__)
@@ -298,12 +306,16 @@ def cloak_all(
     photos = 0
     probes: dict[str, np.ndarray] = {}
     probe_keys: dict[str, str] = {}
+    failures: list[str] = []
     want_probes = Protocol.PROBE_CLOAKING in suite.protocols and not per_identity
     want_probes = want_probes and set(identities) <= set(data.protected)
     for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
         idx = data.train[ident][:per_identity] if per_identity else data.train[ident]
         originals = data.images[idx]
-        key_parts = ("cloak", CLOAK_VERSION, defense.config_dict(), code, seed, ident, [data.shas[i] for i in idx])
+        key_parts = (
+            "cloak", CLOAK_VERSION, defense.config_dict(), code, DECODER_VERSION, seed, ident,
+            [data.shas[i] for i in idx],
+        )  # fmt: skip
         keys[ident] = stable_hash(key_parts, length=24)
         measured: list[float] = []
 
@@ -317,7 +329,11 @@ def cloak_all(
             measured.append(time.perf_counter() - start)
             return png_round_trip(to_uint8(cloaked))
 
-        arr = cache.get_or_compute("cloaks", key_parts, compute)
+        arr, problem = cache.get_verified(
+            "cloaks", key_parts, compute, functools.partial(cloak_problem, defense, originals, _ids(data, idx))
+        )
+        if problem is not None:
+            failures.append(f"{ident}: {problem}")
         cost = cache.get_or_compute("cloak_seconds", key_parts, functools.partial(_seconds_array, measured))
         if math.isfinite(float(cost[0])):
             seconds += float(cost[0])
@@ -327,14 +343,17 @@ def cloak_all(
             q_idx = data.query[ident]
             probe_parts = (*key_parts, "probes", [data.shas[i] for i in q_idx])
             probe_keys[ident] = stable_hash(probe_parts, length=24)
-            probes[ident] = cache.get_or_compute(
+            probes[ident], problem = cache.get_verified(
                 "cloaks",
                 probe_parts,
                 functools.partial(
                     _cloak_probes, defense, originals, data.images[q_idx],
                     torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict())), clock,
                 ),
+                functools.partial(cloak_problem, defense, data.images[q_idx], _ids(data, q_idx)),
             )  # fmt: skip
+            if problem is not None:
+                failures.append(f"{ident} (query photos under the mask): {problem}")
         if quality_rows is None:
             continue
         q = quality_report(originals, from_uint8(arr))
@@ -348,11 +367,42 @@ def cloak_all(
                     **{k: float(v[j]) for k, v in q.items()},
                 }
             )
+    if failures:
+        raise CloakFailure(f"defense {spec.label!r} made no cloak of some photos: {' | '.join(failures)}")
     used = frozenset(getattr(s, "base", s).weights_id for s in defense.surrogates)  # an EOT wrapper's base model
     return _Cloaks(
         images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used,
         probes=probes, probe_key=probe_keys,
     )  # fmt: skip
+
+
+MAX_LISTED = 5
+"""Photos a failure note names one by one (the rest are counted)."""
+
+
+def _ids(data: PreparedData, idx: np.ndarray) -> tuple[str, ...]:
+    return tuple(data.manifest.records[int(i)].image_id for i in idx)
+
+
+def cloak_problem(defense: Defense, originals: torch.Tensor, image_ids: Sequence[str], arr: np.ndarray) -> str | None:
+    """What is wrong with ``arr`` as ``defense``'s cloaks of ``originals`` (None: nothing).
+
+    The same check for a cloak made now and one read from the cache: uint8 photos of the originals' shape, the
+    defense's budget (re-measured on these pixels, as :meth:`Defense.protect` does on its output) and
+    :func:`~cloakbench.defenses.base.cloak_failures` (changed pixels, a moved surrogate embedding).
+    """
+    n, _, height, width = originals.shape
+    if arr.dtype != np.uint8 or arr.shape != (n, height, width, 3):
+        return f"expected uint8 photos of shape {[n, height, width, 3]}, found {arr.dtype} {list(arr.shape)}"
+    cloaked = from_uint8(arr)
+    over = defense.budget.violations(originals, cloaked)
+    if over:
+        return f"outside the budget {defense.budget.describe()}: {'; '.join(over)}"
+    bad = [f"{image_ids[j]}: {why}" for j, why in enumerate(cloak_failures(defense, originals, cloaked)) if why]
+    if not bad:
+        return None
+    more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    return f"{len(bad)} of {n} photo(s) not cloaked: {'; '.join(bad[:MAX_LISTED])}{more}"
 
 
 def _cloak_probes(
@@ -837,7 +887,10 @@ def _evaluate(
     def embed(model: Recognizer, idx: np.ndarray, *, apply: bool) -> np.ndarray:
         here = (model.name, model.weights_id, apply, idx.tobytes())
         if here not in loaded:
-            key = ("clean", (model.name, model.describe()), cm_key if apply else None, [data.shas[i] for i in idx])
+            key = (
+                "clean", (model.name, model.describe()), cm_key if apply else None, DECODER_VERSION,
+                [data.shas[i] for i in idx],
+            )  # fmt: skip
             loaded[here] = cache.get_or_compute(
                 "embeddings",
                 key,

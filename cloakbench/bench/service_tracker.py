@@ -11,12 +11,20 @@ holds both.
 Identity names travel as opaque aliases (``id0000``, ...): real services restrict external ids to a small
 alphabet, and names are data. Calls go through :class:`~cloakbench.attacks.services.CollectionAPI` /
 ``PersonGroupAPI`` only, so the in-process service and the HTTP client are interchangeable.
+
+Over HTTP the server is started here and its client built here, in this process, with the server's random
+secret: nothing else can change the gallery or the counts. Requests the server refused (no secret, a foreign
+Host, not JSON: another local process or a web page found the port) changed nothing, but a run must say that
+someone tried: their count is stored with the query counts (operation ``refused_requests``), noted on the
+task's cells and logged as a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,11 +39,12 @@ from cloakbench.attacks.services import (
     PersonGroupClient,
     PersonGroupService,
     RateLimit,
-    serve,
+    ServiceServer,
 )
 from cloakbench.attacks.services.base import IDENTIFY_MAX_IMAGES
 from cloakbench.attacks.transforms import TRANSFORMS
 from cloakbench.bench.metrics import topk_correct
+from cloakbench.bench.store import REFUSED_REQUESTS
 from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, Protocol, ServiceKind, ServiceSpec, Suite, Transport
 from cloakbench.images import from_uint8
 
@@ -45,10 +54,29 @@ if TYPE_CHECKING:
 COLLECTION = "cloakbench"
 SERVICE_TRACKERS = {Protocol.POISONING: "service", Protocol.EVASION: "service-search"}
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenService:
+    """A service opened for one task: the API the tracker calls (HTTP client or the service itself), the
+    service, and its HTTP server (``None`` in-process)."""
+
+    api: Any
+    service: FaceCollection | PersonGroupService
+    server: ServiceServer | None = None
+
+    def refusals(self) -> dict[str, int]:
+        """Requests the server refused so far, by reason (empty in-process: there is no server)."""
+        return {} if self.server is None else self.server.refusals
+
+    def refused_requests(self) -> int:
+        return sum(self.refusals().values())
+
 
 @contextlib.contextmanager
-def open_service(spec: ServiceSpec, backend: Recognizer) -> Iterator[tuple[Any, Any]]:
-    """Yield ``(api, service)``: the API the tracker calls (HTTP client or the service itself) and the service."""
+def open_service(spec: ServiceSpec, backend: Recognizer) -> Iterator[OpenService]:
+    """The service of ``spec``; over HTTP, served on 127.0.0.1 (with a fresh secret) while the block runs."""
     limit = RateLimit(per_s=spec.rate_limit_per_s, burst=1, on_exceed="block") if spec.rate_limit_per_s else None
     service: FaceCollection | PersonGroupService = (
         FaceCollection(backend, rate_limit=limit)
@@ -56,11 +84,29 @@ def open_service(spec: ServiceSpec, backend: Recognizer) -> Iterator[tuple[Any, 
         else PersonGroupService(backend, rate_limit=limit)
     )
     if spec.transport is Transport.IN_PROCESS:
-        yield service, service
+        yield OpenService(service, service)
         return
-    with serve(service) as url:
-        client = CollectionClient(url) if spec.kind is ServiceKind.REKOGNITION else PersonGroupClient(url)
-        yield client, service
+    server = ServiceServer(service)
+    server.start()
+    try:
+        endpoint = server.endpoint  # the secret goes from server to client here, in this process only
+        client = CollectionClient(endpoint) if spec.kind is ServiceKind.REKOGNITION else PersonGroupClient(endpoint)
+        yield OpenService(client, service, server)
+    finally:
+        server.stop()
+
+
+def refusal_note(refusals: dict[str, int]) -> str:
+    """One line for the cells of a task whose server refused requests (empty when it refused none)."""
+    total = sum(refusals.values())
+    if not total:
+        return ""
+    words = {"secret": "without the run's secret", "host": "with a foreign Host", "content-type": "not JSON"}
+    reasons = ", ".join(f"{n} {words.get(reason, reason)}" for reason, n in sorted(refusals.items()))
+    return (
+        f"the service's HTTP server refused {total} request(s) from outside the run ({reasons}): another local "
+        "process or a web page found its port; they changed nothing"
+    )
 
 
 class _Gallery:
@@ -167,8 +213,9 @@ def evaluate_service(
 
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    with open_service(spec, backend) as (api, service):
-        gallery = _Gallery(spec, api, aliases)
+    with open_service(spec, backend) as opened:
+        service = opened.service
+        gallery = _Gallery(spec, opened.api, aliases)
         for ident in identities:
             gallery.enrol(ident, enrol_images[ident])
         gallery.ready()
@@ -217,4 +264,11 @@ def evaluate_service(
                 summary.append(row)
                 rows.extend(q_rows)
         counts = dict(service.query_counts())
+    if opened.server is not None:  # read once the server has stopped: every refusal it answered is counted
+        refusals = opened.refusals()
+        counts[REFUSED_REQUESTS] = sum(refusals.values())
+        note = refusal_note(refusals)
+        if note:
+            log.warning("service %s, countermeasure %s, seed %d: %s", spec.label, cm.label, seed, note)
+            summary = [{**r, "note": f"{r['note']}\n{note}" if r.get("note") else note} for r in summary]
     return summary, rows, counts

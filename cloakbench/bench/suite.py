@@ -8,9 +8,15 @@ and, for ``source: folder``, lists the dataset folder (no image is read) to reje
 ``dataset.names`` file and protected identities that cannot be in it. The full schema is documented in
 ``docs/suites.md``.
 
+A suite file is untrusted input, so loading it is bounded before anything walks it: at most
+:data:`MAX_FILE_BYTES`, UTF-8, nesting at most :data:`MAX_DEPTH` levels and at most :data:`MAX_VALUES` values
+with YAML aliases expanded (an alias bomb is a few lines that expand to billions), no value longer than
+:data:`MAX_SCALAR` characters, no alias inside its own anchor, string keys only. The name must be a plain folder
+name (:data:`NAME_RULE`): it names the default run folder ``runs/<name>``, which a path would leave.
+
 Schema (all keys optional unless marked)::
 
-    name: quick                      # required
+    name: quick                      # required; ASCII letters, digits, '.', '_', '-' (names runs/<name>)
     description: ...
     dataset: {source: demo | folder, path: DIR, names: FILE, train_fraction: 0.7, split_seed: 10, align: false,
               max_per_identity: null}   # names: CSV 'folder,name' renaming identity folders (folder only)
@@ -41,7 +47,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import reprlib
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +56,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cloakbench.config import build, require, to_plain
+from cloakbench.config import INT_MAX, build, quote, require, to_plain
 from cloakbench.defenses.robust import RobustConfig, parse_robust
 from cloakbench.errors import ConfigError, RegistryError
 
@@ -104,6 +111,8 @@ class ProtectedConfig:
     count: int | None = None
 
     def __post_init__(self) -> None:
+        if self.identities != "all":  # identity names are NFC (datasets.folder.identity_name), so are these
+            object.__setattr__(self, "identities", tuple(unicodedata.normalize("NFC", n) for n in self.identities))
         require(self.identities == "all" or len(self.identities) >= 1, "identities: give at least one name, or 'all'")
         require(
             self.identities == "all" or len(set(self.identities)) == len(self.identities), "identities: names repeat"
@@ -167,9 +176,10 @@ class ServiceSpec:
         require(
             0.0 <= self.match_threshold <= 100.0, f"match_threshold must be in [0, 100], got {self.match_threshold}"
         )
-        require(
-            self.rate_limit_per_s is None or self.rate_limit_per_s > 0,
-            f"rate_limit_per_s must be positive, got {self.rate_limit_per_s}",
+        require(  # below 0.01 each call waits minutes: a typo, not a service
+            self.rate_limit_per_s is None or 0.01 <= self.rate_limit_per_s <= 1e6,
+            "rate_limit_per_s must be in [0.01, 1e6] requests per second (null: no limit), "
+            f"got {self.rate_limit_per_s}",
         )
 
 
@@ -181,6 +191,16 @@ class BootstrapConfig:
     def __post_init__(self) -> None:
         require(self.resamples >= 10, f"resamples must be >= 10, got {self.resamples}")
         require(0.5 <= self.confidence < 1, f"confidence must be in [0.5, 1), got {self.confidence}")
+
+
+MAX_FILE_BYTES = 2**20  # a suite is a few kilobytes
+MAX_DEPTH = 50  # nesting levels (a suite needs about six)
+MAX_VALUES = 100_000  # scalars, lists and mappings, each alias counted every time it is used
+MAX_SCALAR = 10_000  # characters of one value (a description, a path)
+_INT_TEXT = 100  # characters of an integer's YAML text (a 64-bit integer needs at most 66, in binary)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1 to 100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,7 +222,11 @@ class Suite:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
     def __post_init__(self) -> None:
-        require(bool(self.name.strip()), "name must not be empty")
+        require(
+            _NAME.fullmatch(self.name) is not None,
+            f"name must be {NAME_RULE} (it names the run folder runs/<name>; --out puts a run anywhere), "
+            f"got {quote(self.name)}",
+        )
         require(
             0.0 <= self.clean_accuracy_floor <= 1.0,
             f"clean_accuracy_floor must be in [0, 1], got {self.clean_accuracy_floor}",
@@ -211,6 +235,8 @@ class Suite:
         require(len(self.recognizers) >= 1, "recognizers: at least one recognizer is needed")
         require(len(self.classifiers) >= 1, "classifiers: at least one classifier is needed")
         require(len(self.seeds) >= 1, "seeds: at least one seed is needed")
+        for i, seed in enumerate(self.seeds):
+            require(0 <= seed <= INT_MAX, f"seeds[{i}] must be in 0..{INT_MAX}, got {quote(seed)}")
         require(len(self.protocols) >= 1, "protocols: at least one protocol is needed")
         require(len(set(self.protocols)) == len(self.protocols), "protocols: values repeat")
 
@@ -235,13 +261,13 @@ class Suite:
 
 def _require_mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {reprlib.repr(value)}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {quote(value)}")
     return value
 
 
 def _list_of_mappings(value: Any, where: str, *, shorthand: bool, allow_empty: bool = False) -> list[Mapping[str, Any]]:
     if not isinstance(value, list) or not (value or allow_empty):
-        got = f"{type(value).__name__} {reprlib.repr(value)}"
+        got = f"{type(value).__name__} {quote(value)}"
         raise ConfigError(f"{where}: expected a {'' if allow_empty else 'non-empty '}list, got {got}")
     items = []
     for i, item in enumerate(value):
@@ -264,7 +290,7 @@ def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ..
     for i, it in enumerate(out):
         if it.label in seen:
             raise ConfigError(
-                f"{where}: {section}[{i}].label: label {it.label!r} repeats {section}[{seen[it.label]}] "
+                f"{where}: {section}[{i}].label: label {quote(it.label)} repeats {section}[{seen[it.label]}] "
                 "(a missing label defaults to the name); give each a distinct 'label'"
             )
         seen[it.label] = i
@@ -313,7 +339,7 @@ def parse_suite(data: Any, *, where: str) -> Suite:
         fields["services"] = _labelled(svcs, where, "services")
     for key in ("recognizers", "classifiers"):
         if key in top and (not isinstance(top[key], list) or not top[key]):
-            got = f"{type(top[key]).__name__} {reprlib.repr(top[key])}"
+            got = f"{type(top[key]).__name__} {quote(top[key])}"
             raise ConfigError(f"{where}: {key}: expected a non-empty list of names, got {got}")
     suite = build(Suite, fields, where=where)
     _check_names(suite, where)
@@ -328,6 +354,10 @@ def _check_names(suite: Suite, where: str) -> None:
     from cloakbench.defenses import DEFENSES
 
     def check(registry: Any, name: str, path: str) -> None:
+        if len(name) > 100:  # no registered name is this long; the registry would quote it whole
+            raise ConfigError(
+                f"{where}: {path}: unknown {registry.kind} {quote(name)} (known: {', '.join(registry.list())})"
+            )
         try:
             registry.get(name)
         except RegistryError as exc:
@@ -339,7 +369,7 @@ def _check_names(suite: Suite, where: str) -> None:
         if Protocol.PROBE_CLOAKING in suite.protocols and "universal" not in DEFENSES.get(d.name).meta.tags:
             universal = ", ".join(e.name for e in DEFENSES if "universal" in e.meta.tags)
             raise ConfigError(
-                f"{where}: defenses[{i}]: {d.name!r} makes no universal mask, so it cannot run the probe-cloaking "
+                f"{where}: defenses[{i}]: {quote(d.name)} makes no universal mask, so it cannot run the probe-cloaking "
                 f"protocol (a mask fitted on enrollment photos, applied to unseen query photos); universal: {universal}"
             )
         for j, s in enumerate(d.surrogates):
@@ -351,7 +381,7 @@ def _check_names(suite: Suite, where: str) -> None:
             ADAPTATIONS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
             if c.apply_to is not ApplyTo.ENROLLMENT:
                 raise ConfigError(
-                    f"{where}: countermeasures[{i}].apply_to: {c.name!r} is a model adaptation, not an input "
+                    f"{where}: countermeasures[{i}].apply_to: {quote(c.name)} is a model adaptation, not an input "
                     "transform; 'apply_to' does not apply to it (leave it out)"
                 )
             continue
@@ -360,7 +390,7 @@ def _check_names(suite: Suite, where: str) -> None:
         except RegistryError as exc:
             known = ", ".join(TRANSFORMS.list() + ADAPTATIONS.list())
             raise ConfigError(
-                f"{where}: countermeasures[{i}].name: unknown countermeasure {c.name!r} "
+                f"{where}: countermeasures[{i}].name: unknown countermeasure {quote(c.name)} "
                 f"(input transforms and adaptations: {known})"
             ) from exc
         TRANSFORMS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
@@ -369,7 +399,7 @@ def _check_names(suite: Suite, where: str) -> None:
     for i, svc in enumerate(suite.services):
         check(RECOGNIZERS, svc.backend, f"services[{i}].backend")
         if svc.label in suite.recognizers:
-            raise ConfigError(f"{where}: services[{i}]: label {svc.label!r} is also a recognizer name; rename it")
+            raise ConfigError(f"{where}: services[{i}]: label {quote(svc.label)} is also a recognizer name; rename it")
         if Protocol.PROBE_CLOAKING in suite.protocols:
             raise ConfigError(f"{where}: services[{i}]: services do not run the probe-cloaking protocol yet")
         if svc.kind is ServiceKind.AZURE and Protocol.EVASION in suite.protocols:
@@ -380,25 +410,137 @@ def _check_names(suite: Suite, where: str) -> None:
     for key, values in (("recognizers", suite.recognizers), ("seeds", suite.seeds)):
         for i, value in enumerate(values):
             if value in values[:i]:
-                raise ConfigError(f"{where}: {key}[{i}]: {value!r} repeats {key}[{values.index(value)}]")
+                raise ConfigError(f"{where}: {key}[{i}]: {quote(value)} repeats {key}[{values.index(value)}]")
+
+
+class _Refused(yaml.YAMLError):
+    """A suite file beyond the loader's limits, or with a key that is not a string, at ``mark``."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.problem, self.mark = problem, mark
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (safe_load keeps the last)."""
+    """YAML's safe loader, but a key given twice in one mapping is an error (safe_load keeps the last), and a
+    document beyond the limits of a suite (deep, huge once aliases are expanded, self-referring) is refused
+    after composing and before anything is constructed or walked."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # composing recurses once per level: refuse before Python's recursion limit is reached
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(_too_deep(), self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _measure(node)
+        return node
+
+
+def _too_deep() -> str:
+    return f"nested more than {MAX_DEPTH} levels deep (a suite needs about six)"
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _measure(root: yaml.Node) -> None:
+    """Refuse a document that is too big or too deep with its aliases expanded, or refers to itself.
+
+    The composed graph shares an aliased node, so it stays small while its expansion (what constructing, walking
+    or printing the value costs) can be astronomically large: each node's expanded size and depth are computed
+    once (memoised), iteratively, in time proportional to the file."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) with aliases expanded
+    path: set[int] = set()  # nodes whose children are being measured: the ancestors of the current node
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, measured = stack.pop()
+        key = id(node)
+        if measured:
+            kids = _children(node)
+            size = 1 + sum(done[id(k)][0] for k in kids)
+            depth = 1 + max((done[id(k)][1] for k in kids), default=0)
+            path.discard(key)
+            done[key] = (size, depth)
+            if size > MAX_VALUES:
+                raise _Refused(
+                    f"the value here expands to more than {MAX_VALUES} values (YAML aliases count each time they "
+                    "are used); a suite is far smaller",
+                    node.start_mark,
+                )
+            if depth > MAX_DEPTH:
+                raise _Refused(_too_deep() + " with its YAML aliases expanded", node.start_mark)
+            continue
+        if key in done:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            _check_scalar(node)
+            done[key] = (1, 1)
+            continue
+        path.add(key)
+        stack.append((node, True))
+        for kid in _children(node):
+            if id(kid) in path:
+                raise _Refused(
+                    "the value refers to itself (a YAML alias inside its own anchor): it has no end", node.start_mark
+                )
+            if id(kid) not in done:
+                stack.append((kid, False))
+
+
+def _check_scalar(node: yaml.ScalarNode) -> None:
+    text = str(node.value)
+    if node.tag == _INT_TAG and len(text) > _INT_TEXT:
+        digits = sum(c.isdigit() for c in text)
+        raise _Refused(f"an integer of {digits} digits; the largest a suite takes is {INT_MAX}", node.start_mark)
+    if len(text) > MAX_SCALAR:
+        raise _Refused(f"a value of {len(text)} characters; the longest a suite takes is {MAX_SCALAR}", node.start_mark)
+
+
+def _key_name(node: yaml.Node, key: Any) -> str:
+    """What a key that is not a string is, for the error (``"bool true (quote it: 'true')"``)."""
+    if key is None:
+        shown = "null"
+    elif isinstance(key, (bool, int, float)):
+        shown = f"{type(key).__name__} {str(node.value) if isinstance(node, yaml.ScalarNode) else quote(key)}"
+    else:
+        shown = type(key).__name__
+    if isinstance(node, yaml.ScalarNode):
+        shown += f" (quote it: {quote(str(node.value))})"
+    return shown
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    first_line: dict[Any, int] = {}
+    first_line: dict[str, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may repeat keys on purpose
             continue
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float, bool)) or key is None:
-            if key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {first_line[key]})", key_node.start_mark
-                )
-            first_line[key] = key_node.start_mark.line + 1
+        if not isinstance(key, str):  # every key of a suite is a name; a bool or list key crashed key checks
+            raise _Refused(f"a key must be a string, got {_key_name(key_node, key)}", key_node.start_mark)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {quote(key)} (first given on line {first_line[key]})", key_node.start_mark
+            )
+        first_line[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -407,6 +549,8 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
     """``file: line L, column C: not valid YAML: problem (context at line ...)`` from a PyYAML error."""
+    if isinstance(exc, _Refused):
+        return ConfigError(f"{path}: line {exc.mark.line + 1}, column {exc.mark.column + 1}: {exc.problem}")
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
         return ConfigError(f"{path}: not valid YAML: {exc}")
     mark = exc.problem_mark
@@ -416,6 +560,27 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(
         f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}{context}"
     )
+
+
+def _read_text(path: Path) -> str:
+    """The suite file as text: at most :data:`MAX_FILE_BYTES`, UTF-8 (the error says where the first bad byte is)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a suite file is at most {MAX_FILE_BYTES} bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[start : exc.start].decode("utf-8", errors="replace")) + 1
+        raise ConfigError(
+            f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); save the suite file as UTF-8"
+        ) from None
 
 
 _SHOWN = 20  # identity names listed in an error
@@ -440,6 +605,8 @@ def check_dataset(suite: Suite, where: str) -> None:
         listing = list_folder(path)
     except OSError as exc:
         raise ConfigError(f"{where}: dataset.path: {path} cannot be listed: {exc}") from None
+    except DatasetError as exc:  # e.g. two identity folders that differ only in Unicode normalisation
+        raise ConfigError(f"{where}: dataset.path: {exc}") from None
     names: dict[str, str] = {}
     if suite.dataset.names is not None:
         try:
@@ -483,7 +650,7 @@ def load_suite(path: Path) -> Suite:
     if not path.is_file():
         raise ConfigError(f"{path}: suite file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
+        data = yaml.load(_read_text(path), Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
     suite = parse_suite(data, where=str(path))

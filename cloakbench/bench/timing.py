@@ -11,7 +11,10 @@
   it reads the process's maximum resident set size (``getrusage``), a lifetime high-water mark that
   cannot be reset, and says so in :attr:`MemoryPeak.kind`.
 - :func:`top_kernels` runs a target once under ``torch.profiler`` and returns the top rows by self CUDA
-  time (GPU) or self CPU time (CPU) as plain data.
+  time (GPU) or self CPU time (CPU) as plain data. ``quiet=True`` silences the ``USDT: ... profiler_start`` /
+  ``profiler_stop`` lines that kineto (the profiler's C++ side) writes straight to file descriptor 2 (no
+  environment variable turns them off), by pointing fd 2 at ``/dev/null`` while the profiler starts and stops
+  only: what the profiled call itself writes still shows.
 - :func:`run_with_oom_retry` halves the batch on a CUDA out-of-memory error and says what it tried.
 - :class:`StageTimer` accumulates wall seconds per named stage, synchronising CUDA at stage boundaries.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import sys
 import time
@@ -174,13 +178,33 @@ class PeakMemory:
         self.peak = peak_memory(self.device)
 
 
-def top_kernels(fn: Callable[[], object], *, device: torch.device, n: int = 10) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _fd2_silenced(enabled: bool) -> Iterator[None]:
+    """File descriptor 2 points at ``/dev/null`` inside the block (C++ libraries write there, not to sys.stderr)."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def top_kernels(
+    fn: Callable[[], object], *, device: torch.device, n: int = 10, quiet: bool = False
+) -> list[dict[str, Any]]:
     """Run ``fn`` once under ``torch.profiler`` and return the ``n`` rows with the most self time.
 
     On CUDA the rows are sorted by self CUDA time (so they are kernels and copies) and ``share`` is the
     fraction of all self CUDA time; on the CPU by self CPU time over all CPU ops. Each row: ``name``,
     ``calls``, ``self_ms``, ``total_ms``, ``share`` and ``clock`` (``"cuda"`` or ``"cpu"``: which time it is).
     Warm the target up first: the first call's one-off costs (cuDNN autotuning, lazy init) would dominate.
+    ``quiet``: no profiler chatter on stderr (see the module docstring).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"top_kernels: n must be an integer >= 1, got {n!r}")
@@ -190,9 +214,15 @@ def top_kernels(fn: Callable[[], object], *, device: torch.device, n: int = 10) 
     if on_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    profiling = contextlib.ExitStack()
+    with _fd2_silenced(quiet):
+        prof = profiling.enter_context(torch.profiler.profile(activities=activities))
+    try:
         fn()
         synchronize(device)
+    finally:
+        with _fd2_silenced(quiet):
+            profiling.close()
 
     def self_us(event: Any) -> float:
         if not on_cuda:

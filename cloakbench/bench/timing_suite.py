@@ -239,10 +239,10 @@ def _utc_now() -> str:
 
 
 def time_target(
-    target: Target, *, run_id: str, warmup: int, repeats: int
+    target: Target, *, run_id: str, warmup: int, repeats: int, quiet: bool = False
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ``bench_timings`` row of one target and its ``bench_kernels`` rows; a target that raises gives a
-    ``failed`` row (with its error) and no kernel rows."""
+    ``failed`` row (with its error) and no kernel rows. ``quiet``: no profiler lines on stderr."""
 
     def attempt(batch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         prepared = target.prepare(batch)
@@ -251,7 +251,7 @@ def time_target(
         with PeakMemory(device) as mem:
             stats = measure(prepared.call, device=device, warmup=warmup, repeats=repeats)
         load_end = _loadavg()
-        kernels = top_kernels(prepared.call, device=device, n=TOP_KERNELS)
+        kernels = top_kernels(prepared.call, device=device, n=TOP_KERNELS, quiet=quiet)
         rate = per_item(stats, batch)
         measured = {
             "device": str(device),
@@ -424,10 +424,11 @@ def run_timing_suite(
     warmup: int,
     quick: bool,
     progress: Progress | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Time every target into ``out_dir`` (see the module docstring); returns what ``bench.json`` holds:
     ``run_id``, ``out_dir``, ``metadata``, ``timings`` (the stored rows), ``kernels`` (per target), ``skipped``,
-    ``failed`` (how many targets failed)."""
+    ``failed`` (how many targets failed). ``quiet``: the profiler prints nothing on stderr either."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"bench: repeats must be an integer >= 1, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -448,7 +449,7 @@ def run_timing_suite(
     with BenchStore(out_dir / STORE_FILE) as store:
         for i, target in enumerate(targets, 1):
             say(f"[{i}/{len(targets)}] {target.name}: batch {target.batch}, {warmup} warm-up + {repeats} timed call(s)")
-            row, kernel_rows = time_target(target, run_id=run_id, warmup=warmup, repeats=repeats)
+            row, kernel_rows = time_target(target, run_id=run_id, warmup=warmup, repeats=repeats, quiet=quiet)
             store.write_target(row, kernel_rows)
             timings.append(row)
             kernels[target.name] = kernel_rows

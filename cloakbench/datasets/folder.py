@@ -11,8 +11,16 @@ crashing a benchmark halfway. What counts as a candidate:
   extension, folders nested inside an identity folder, special files, and identity folders that end up
   with no usable image.
 
-Identity names are whatever the folder names are (they may look like ``../x`` or ``<script>``): they are
-data, never joined onto output paths by this module, and callers must escape them when they render them.
+Identity names are the folder names in Unicode NFC (they may look like ``../x`` or ``<script>``): they are
+data, never joined onto output paths by this module, and callers must escape them when they render them. A
+folder named in NFD (as macOS file systems store names) is the same identity as its NFC spelling; two folders
+whose names differ only in normalisation are refused (:class:`DatasetError`), since they would look alike in
+every message and table. Image ids keep the names as they are on disk. Every message and log line that quotes
+a path or name passes it through :func:`safe_text`, so control characters in file names (ANSI escapes,
+carriage returns, newlines) are shown escaped, never sent to a terminal.
+
+An entry that cannot even be looked at (a symbolic-link loop, a dangling link, a file that cannot be read) is a
+:class:`Problem` like any other unusable file, never a reason to refuse the dataset.
 
 Identity display names (a suite's ``dataset.names: FILE``). Datasets often name their folders by id
 (VGGFace2's ``n000001``, CelebA's numbers), and a real name may hold characters no folder name can (``/``).
@@ -56,11 +64,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from cloakbench.cache import atomic_path, atomic_write_text, cache_dir
+from cloakbench.csv_safe import safe_cell
 from cloakbench.errors import DatasetError, ImageContractError
-from cloakbench.images import load_image, stack_images
+from cloakbench.images import decode_image, load_image, stack_images
 
 if TYPE_CHECKING:
     from cloakbench.datasets.splits import Split
@@ -70,8 +79,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".webp"})
 """Lower-case file extensions read as images (compared case-insensitively)."""
 
-SCAN_FORMAT = 1
-"""Version of the scan rules and of the cached JSON; bump it when either changes."""
+SCAN_FORMAT = 2
+"""Version of the scan rules and of the cached JSON; bump it when either changes (2: identities in NFC, images
+decoded by :func:`~cloakbench.images.decode_image`, unreadable links listed as problems)."""
 
 _PROBLEMS_IN_WARNING = 5
 
@@ -116,7 +126,7 @@ class Manifest:
         for before, after in itertools.pairwise(ids):
             if not before < after:
                 raise DatasetError(
-                    f"manifest of {self.root}: records must be sorted by image_id without duplicates "
+                    f"manifest of {safe_text(self.root)}: records must be sorted by image_id without duplicates "
                     f"({before!r} comes before {after!r})"
                 )
 
@@ -139,13 +149,17 @@ class Manifest:
 
         Each pair contributes ``image_id`` (UTF-8) + NUL + the hex SHA-256 + newline, in ``image_id``
         order; moving the folder or touching files leaves it unchanged, changing any byte does not. A record
-        whose identity is not its folder name (renamed by ``dataset.names``) adds NUL + its identity as a JSON
-        string before the newline, so renaming changes the digest and a manifest without renames keeps the
+        whose identity is not its folder name in NFC (renamed by ``dataset.names``) adds NUL + its identity as a
+        JSON string before the newline, so renaming changes the digest and a manifest without renames keeps the
         digest it always had.
         """
         h = hashlib.sha256()
         for record in self.records:
-            renamed = b"" if record.identity == record.folder else b"\0" + json.dumps(record.identity).encode("ascii")
+            renamed = (
+                b""
+                if record.identity == identity_name(record.folder)
+                else b"\0" + json.dumps(record.identity).encode("ascii")
+            )
             h.update(_encode(record.image_id) + b"\0" + record.sha256.encode("ascii") + renamed + b"\n")
         return h.hexdigest()
 
@@ -160,7 +174,9 @@ class Manifest:
         if splits is not None:
             missing = [r.image_id for r in self.records if r.image_id not in splits]
             if missing:
-                raise DatasetError(f"write_csv {out}: no split for {len(missing)} record(s), e.g. {missing[0]!r}")
+                raise DatasetError(
+                    f"write_csv {safe_text(out)}: no split for {len(missing)} record(s), e.g. {missing[0]!r}"
+                )
             header.append("split")
         rows = [header]
         for r in self.records:
@@ -172,7 +188,7 @@ class Manifest:
             atomic_path(out) as tmp,
             tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh,
         ):
-            csv.writer(fh).writerows(rows)
+            csv.writer(fh).writerows([safe_cell(c) for c in row] for row in rows)  # no spreadsheet formula
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,8 +196,10 @@ class FolderEntry:
     """A file inside an identity folder with an image extension (not yet read)."""
 
     identity: str
+    """The identity folder's name in NFC."""
     path: Path
     rel: str
+    """``"<folder>/<file>"`` as on disk (the image id)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,9 +209,39 @@ class FolderListing:
     candidates: tuple[FolderEntry, ...]
     problems: tuple[Problem, ...]
     identities: tuple[str, ...]
-    """Every identity folder that could be listed, sorted (with or without image files)."""
+    """The NFC name of every identity folder that could be listed, sorted (with or without image files)."""
+    folders: tuple[str, ...] = ()
+    """The names of those folders as they are on disk, in the order of :attr:`identities`."""
     fingerprint: tuple[tuple[str, int, int], ...]
     """Sorted (relative path, size, mtime_ns) of every visible entry (folders end with ``/``)."""
+
+
+def safe_text(value: object) -> str:
+    """``str(value)`` fit for one line of a message: a backslash, and every character that is not printable
+    (control characters such as ESC, CR and LF, bidirectional overrides, undecodable bytes of a file name) are
+    shown as Python escapes (``\\x1b``, ``\\r``, ``\\u202e``, ``\\udcff``); everything else as it is."""
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def identity_name(folder: str) -> str:
+    """The identity name of an identity folder: its name in Unicode NFC."""
+    return unicodedata.normalize("NFC", folder)
+
+
+def _check_normalisation(root: Path, folders: Sequence[str]) -> None:
+    """Refuse two identity folders whose names are one name in NFC, in one line showing their code points."""
+    seen: dict[str, str] = {}
+    for folder in folders:
+        first = seen.setdefault(identity_name(folder), folder)
+        if first != folder:
+            raise DatasetError(
+                f"dataset folder {safe_text(root)}: identity folders {first!a} and {folder!a} "
+                "differ only in Unicode normalisation (both are "
+                f"{identity_name(folder)!a} in NFC); rename or merge one of them"
+            )
 
 
 def _encode(text: str) -> bytes:
@@ -206,37 +254,51 @@ def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a folder or a link to one; False for a link that loops or leads nowhere."""
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: DirEntry.is_dir() lets only "not found" pass as False
+        return False
+
+
 def list_folder(root: Path) -> FolderListing:
     """List ``root/<identity>/<file>`` by the rules of the module docstring; no file content is read.
 
-    Raises ``OSError`` when ``root`` itself cannot be listed.
+    Raises ``OSError`` when ``root`` itself cannot be listed and :class:`DatasetError` when two identity folders
+    differ only in Unicode normalisation.
     """
     candidates: list[FolderEntry] = []
     problems: list[Problem] = []
-    identities: list[str] = []
+    identities: list[tuple[str, str]] = []  # (NFC name, name on disk)
     fingerprint: list[tuple[str, int, int]] = []
-    for top in _visible_entries(root):
+    tops = _visible_entries(root)
+    _check_normalisation(root, [top.name for top in tops if _is_dir(top)])
+    for top in tops:
         path = root / top.name
-        if not top.is_dir():
+        if not _is_dir(top):
             try:
                 st = top.stat()
                 fingerprint.append((top.name, st.st_size, st.st_mtime_ns))
-            except OSError:  # a dangling symbolic link
+            except OSError as exc:  # a dangling symbolic link, a link loop
                 fingerprint.append((top.name, -2, -2))
+                problems.append(Problem(path=path, reason=f"cannot read: {exc.strerror or exc}"))
+                continue
             problems.append(Problem(path=path, reason="file outside an identity folder"))
             continue
-        identity = top.name
-        fingerprint.append((identity + "/", -1, -1))
+        folder = top.name
+        identity = identity_name(folder)
+        fingerprint.append((folder + "/", -1, -1))
         try:
             entries = _visible_entries(path)
         except OSError as exc:
             problems.append(Problem(path=path, reason=f"cannot list folder: {exc.strerror or exc}"))
             continue
-        identities.append(identity)
+        identities.append((identity, folder))
         for entry in entries:
             file_path = path / entry.name
-            rel = f"{identity}/{entry.name}"
-            if entry.is_dir():
+            rel = f"{folder}/{entry.name}"
+            if _is_dir(entry):
                 fingerprint.append((rel + "/", -1, -1))
                 problems.append(Problem(path=file_path, reason="folder inside an identity folder (not scanned)"))
                 continue
@@ -259,7 +321,8 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing(
         candidates=tuple(candidates),
         problems=tuple(problems),
-        identities=tuple(identities),
+        identities=tuple(name for name, _ in sorted(identities)),
+        folders=tuple(folder for _, folder in sorted(identities)),
         fingerprint=tuple(sorted(fingerprint)),
     )
 
@@ -274,9 +337,7 @@ def _check_file(path: Path) -> tuple[str | None, str]:
         return None, "empty file"
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img.convert("RGB")
+        decode_image(data)  # exactly what loading will do, so a file that passes here loads later
     except UnidentifiedImageError:
         return None, "cannot decode: not a recognised image format"
     except Exception as exc:  # any decoder failure on untrusted bytes is a problem, never a crash
@@ -324,12 +385,13 @@ def _warn_problems(manifest: Manifest) -> None:
     if not manifest.problems:
         return
     shown = "; ".join(
-        f"{p.path.relative_to(manifest.root).as_posix()}: {p.reason}" for p in manifest.problems[:_PROBLEMS_IN_WARNING]
+        f"{safe_text(p.path.relative_to(manifest.root).as_posix())}: {safe_text(p.reason)}"
+        for p in manifest.problems[:_PROBLEMS_IN_WARNING]
     )
     more = len(manifest.problems) - _PROBLEMS_IN_WARNING
     log.warning(
         "%s: %d problem(s), left out of the dataset: %s%s",
-        manifest.root,
+        safe_text(manifest.root),
         len(manifest.problems),
         shown,
         f" (and {more} more; see Manifest.problems)" if more > 0 else "",
@@ -340,9 +402,9 @@ def resolve_root(root: Path | str) -> Path:
     """``root`` made absolute; :class:`DatasetError` naming it when it is missing or not a folder."""
     path = Path(root).expanduser()
     if not path.exists():
-        raise DatasetError(f"dataset folder {path} does not exist")
+        raise DatasetError(f"dataset folder {safe_text(path)} does not exist")
     if not path.is_dir():
-        raise DatasetError(f"dataset folder {path} is not a directory")
+        raise DatasetError(f"dataset folder {safe_text(path)} is not a directory")
     return path.resolve()
 
 
@@ -358,11 +420,11 @@ def scan_folder(root: Path | str) -> Manifest:
     try:
         walk = list_folder(resolved)
     except OSError as exc:
-        raise DatasetError(f"dataset folder {resolved} cannot be listed: {exc}") from exc
+        raise DatasetError(f"dataset folder {safe_text(resolved)} cannot be listed: {safe_text(exc)}") from exc
     try:
         cache_file: Path | None = cache_dir("manifests") / f"{_cache_key(resolved, walk)}.json"
     except OSError as exc:  # an unwritable cache slows scanning down; it never stops it
-        log.warning("manifest cache unavailable (%s); scanning %s without it", exc, resolved)
+        log.warning("manifest cache unavailable (%s); scanning %s without it", safe_text(exc), safe_text(resolved))
         cache_file = None
     manifest: Manifest | None = None
     if cache_file is not None and cache_file.is_file():
@@ -371,7 +433,7 @@ def scan_folder(root: Path | str) -> Manifest:
         except OSError:
             manifest = None
         if manifest is None:
-            log.warning("%s: unreadable manifest cache entry, scanning again", cache_file)
+            log.warning("%s: unreadable manifest cache entry, scanning again", safe_text(cache_file))
     from_cache = manifest is not None
     if manifest is None:
         manifest = _scan(resolved, walk)
@@ -379,16 +441,21 @@ def scan_folder(root: Path | str) -> Manifest:
         try:
             atomic_write_text(cache_file, _to_json(manifest))
         except OSError as exc:
-            log.warning("could not cache the manifest of %s at %s: %s", resolved, cache_file, exc)
+            log.warning(
+                "could not cache the manifest of %s at %s: %s",
+                safe_text(resolved),
+                safe_text(cache_file),
+                safe_text(exc),
+            )
     if not manifest.records:
         raise DatasetError(
-            f"dataset folder {resolved} has no usable image (expected root/<identity>/<image> with "
+            f"dataset folder {safe_text(resolved)} has no usable image (expected root/<identity>/<image> with "
             f"extensions {', '.join(sorted(IMAGE_EXTENSIONS))}; {len(manifest.problems)} problem(s) found)"
         )
     _warn_problems(manifest)
     log.info(
         "scanned %s: %d images of %d identities, %d problem(s) in %.3f s%s",
-        resolved,
+        safe_text(resolved),
         len(manifest.records),
         len(manifest.identities),
         len(manifest.problems),
@@ -401,6 +468,7 @@ def scan_folder(root: Path | str) -> Manifest:
 def _scan(root: Path, walk: FolderListing) -> Manifest:
     records: list[ImageRecord] = []
     problems = list(walk.problems)
+    folders = dict(zip(walk.identities, walk.folders, strict=True))
     for cand in walk.candidates:
         digest, reason = _check_file(cand.path)
         if digest is None:
@@ -411,7 +479,7 @@ def _scan(root: Path, walk: FolderListing) -> Manifest:
     for name in walk.identities:
         if name in with_images:
             continue
-        problems.append(Problem(path=root / name, reason="identity folder has no usable images"))
+        problems.append(Problem(path=root / folders[name], reason="identity folder has no usable images"))
     records.sort(key=lambda r: r.image_id)
     problems.sort(key=lambda p: p.path.relative_to(root).as_posix())
     return Manifest(root=root, records=tuple(records), problems=tuple(problems))
@@ -426,44 +494,47 @@ def identity_folders(root: Path | str) -> tuple[str, ...]:
 
     Raises ``OSError`` when ``root`` cannot be listed.
     """
-    return tuple(e.name for e in _visible_entries(Path(root)) if e.is_dir())
+    return tuple(e.name for e in _visible_entries(Path(root)) if _is_dir(e))
 
 
 def read_identity_names(path: Path | str, root: Path | str) -> dict[str, str]:
     """Read a ``dataset.names`` CSV file: identity folder name -> identity name, for the dataset at ``root``.
 
-    See the module docstring for the format and what is refused; every refusal is a one-line
+    Folders and names are compared and returned in Unicode NFC (:func:`identity_name`), as identities are named,
+    so a file written on another system finds its folders. See the module docstring for the format and what is
+    refused; every refusal is a one-line
     :class:`DatasetError` naming ``path``, the line and the value. Only the folder names of ``root`` are
     listed; no image is read.
     """
     file = Path(path)
+    shown = safe_text(file)
     if not file.is_file():
-        raise DatasetError(f"{file}: identity names file {'is not a file' if file.exists() else 'not found'}")
+        raise DatasetError(f"{shown}: identity names file {'is not a file' if file.exists() else 'not found'}")
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise DatasetError(f"{file}: cannot read identity names: {exc.strerror or exc}") from None
+        raise DatasetError(f"{shown}: cannot read identity names: {exc.strerror or exc}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{file}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
+        raise DatasetError(f"{shown}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
     try:
-        folders = frozenset(identity_folders(root))
+        folders = frozenset(identity_name(f) for f in identity_folders(root))
     except OSError as exc:
-        raise DatasetError(f"dataset folder {root} cannot be listed: {exc}") from None
-    rows = _names_rows(file, text)
+        raise DatasetError(f"dataset folder {safe_text(root)} cannot be listed: {safe_text(exc)}") from None
+    rows = [(line, identity_name(folder), identity_name(name)) for line, folder, name in _names_rows(file, text)]
     names: dict[str, str] = {}
     line_of: dict[str, int] = {}  # folder -> its row's line
     owner: dict[str, str] = {}  # name -> the folder given it
     for line, folder, name in rows:
-        where = f"{file}: line {line}"
+        where = f"{shown}: line {line}"
         if not folder:
             raise DatasetError(f"{where}: empty folder")
         if folder in line_of:
             raise DatasetError(f"{where}: folder {folder!r} is listed again (first on line {line_of[folder]})")
         if folder not in folders:
-            raise DatasetError(f"{where}: folder {folder!r} is not an identity folder in {root}")
+            raise DatasetError(f"{where}: folder {folder!r} is not an identity folder in {safe_text(root)}")
         if not name.strip():
             raise DatasetError(f"{where}: empty name for folder {folder!r}")
         if any(unicodedata.category(c) == "Cc" for c in name):
@@ -480,7 +551,7 @@ def read_identity_names(path: Path | str, root: Path | str) -> dict[str, str]:
     for folder, name in names.items():
         if name != folder and name in folders and name not in names:
             raise DatasetError(
-                f"{file}: line {line_of[folder]}: name {name!r} of folder {folder!r} is also the name of "
+                f"{shown}: line {line_of[folder]}: name {name!r} of folder {folder!r} is also the name of "
                 f"identity folder {name!r}, which this file does not rename"
             )
     return names
@@ -498,7 +569,7 @@ def _names_rows(file: Path, text: str) -> list[tuple[int, str, str]]:
         except StopIteration:
             break
         except csv.Error as exc:
-            raise DatasetError(f"{file}: line {line}: not valid CSV: {exc}") from None
+            raise DatasetError(f"{safe_text(file)}: line {line}: not valid CSV: {exc}") from None
         if not row or not any(cell.strip() for cell in row):
             continue
         if columns is None:
@@ -507,36 +578,41 @@ def _names_rows(file: Path, text: str) -> list[tuple[int, str, str]]:
             missing = [c for c in NAMES_COLUMNS if c not in header]
             if missing:
                 raise DatasetError(
-                    f"{file}: line {line}: header row {shown!r} lacks column{'s' if len(missing) > 1 else ''} "
+                    f"{safe_text(file)}: line {line}: header row {shown!r} "
+                    f"lacks column{'s' if len(missing) > 1 else ''} "
                     f"{', '.join(map(repr, missing))} (expected a header row 'folder,name'; other columns are ignored)"
                 )
             repeated = [c for c in NAMES_COLUMNS if header.count(c) > 1]
             if repeated:
-                raise DatasetError(f"{file}: line {line}: header row {shown!r} has column {repeated[0]!r} twice")
+                raise DatasetError(
+                    f"{safe_text(file)}: line {line}: header row {shown!r} has column {repeated[0]!r} twice"
+                )
             columns = {c: header.index(c) for c in NAMES_COLUMNS}
             continue
         cells = [row[columns[c]] if columns[c] < len(row) else "" for c in NAMES_COLUMNS]
         rows.append((line, cells[0], cells[1]))
     if columns is None:
-        raise DatasetError(f"{file}: no header row (expected a header row 'folder,name')")
+        raise DatasetError(f"{safe_text(file)}: no header row (expected a header row 'folder,name')")
     return rows
 
 
 def rename_identities(manifest: Manifest, names: Mapping[str, str]) -> Manifest:
     """``manifest`` with each record's identity set to the name ``names`` gives its folder (unlisted folders
-    keep their folder name); ``names`` comes from :func:`read_identity_names`. Image ids, paths and problems
-    are unchanged; :attr:`Manifest.digest` changes with the names.
+    keep their folder name, in NFC); ``names`` comes from :func:`read_identity_names` (keys in NFC). Image ids,
+    paths and problems are unchanged; :attr:`Manifest.digest` changes with the names.
 
     Raises :class:`DatasetError` when two folders of the manifest would get one name.
     """
-    records = tuple(replace(r, identity=names.get(r.folder, r.folder)) for r in manifest.records)
+    records = tuple(
+        replace(r, identity=names.get(identity_name(r.folder), identity_name(r.folder))) for r in manifest.records
+    )
     folder_of: dict[str, str] = {}
     for record in records:
         first = folder_of.setdefault(record.identity, record.folder)
         if first != record.folder:
             raise DatasetError(
-                f"manifest of {manifest.root}: folders {first!r} and {record.folder!r} would both be identity "
-                f"{record.identity!r}"
+                f"manifest of {safe_text(manifest.root)}: folders {first!r} and {record.folder!r} would both be "
+                f"identity {record.identity!r}"
             )
     return Manifest(root=manifest.root, records=records, problems=manifest.problems)
 
@@ -553,12 +629,12 @@ def load_images(records: Sequence[ImageRecord]) -> torch.Tensor:
         try:
             array = load_image(record.path)
         except (OSError, SyntaxError, ValueError) as exc:
-            raise DatasetError(f"{record.path}: cannot load image: {exc}") from exc
+            raise DatasetError(f"{safe_text(record.path)}: cannot load image: {safe_text(exc)}") from exc
         if arrays and array.shape != arrays[0].shape:
             h0, w0 = arrays[0].shape[:2]
             h, w = array.shape[:2]
             raise ImageContractError(
-                f"{record.path}: image is {w}x{h}, but {records[0].path} is {w0}x{h0}; "
+                f"{safe_text(record.path)}: image is {w}x{h}, but {safe_text(records[0].path)} is {w0}x{h0}; "
                 "a batch needs one size (align the faces first)"
             )
         arrays.append(array)

@@ -12,11 +12,12 @@ are reported and left out.
 Cache. The aligned folder lives under ``<cache>/datasets/`` and is keyed by the source's content (its
 manifest digest: image ids and SHA-256 of their bytes, so moving or touching the folder keeps the key,
 changing any byte does not), the files scanning found unusable, the detectors' settings and weights
-(``describe()``, in order), the output size and :data:`VERSION`. The JSON report beside the folder is
-written last, after the folder is moved into place; a later call that finds it (and every file it lists)
-returns without running any detector. Building the default dlib detector is deferred to its first
-detection, so a cached call costs one (cached) folder scan. A lock serialises concurrent first builds,
-as for the demo set.
+(``describe()``, in order), the output size, :data:`VERSION` and the image decoder's rules
+(:data:`~cloakbench.images.DECODER_VERSION`: a 16-bit photo decoded white by older code was aligned as such).
+The JSON report beside the folder is written last, after the folder is moved into place; a later call that
+finds it (and every file it lists) returns without running any detector. Building the default dlib detector
+is deferred to its first detection, so a cached call costs one (cached) folder scan. A lock serialises
+concurrent first builds, as for the demo set.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from cloakbench.datasets.demo import (
     align_folder,
 )
 from cloakbench.datasets.detect import YuNetDetector
-from cloakbench.datasets.folder import Manifest, scan_folder
+from cloakbench.datasets.folder import Manifest, safe_text, scan_folder
 from cloakbench.errors import ConfigError, DatasetError
+from cloakbench.images import DECODER_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def stage_key(manifest: Manifest, detectors: Sequence[FaceDetector], size: int) 
     """The SHA-256 that names the aligned folder of ``manifest`` under these detectors and size."""
     payload = {
         "stage": VERSION,
+        "decoder": DECODER_VERSION,
         "manifest": manifest.digest,
         "problems": sorted(
             (p.path.relative_to(manifest.root).as_posix(), p.reason)
@@ -101,11 +104,16 @@ def _load_cached(root: Path, report_file: Path, key: str) -> AlignmentReport | N
             return None
         report = AlignmentReport.from_json(doc["outcomes"], root)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("%s: unusable report (%s); aligning again", report_file, exc)
+        log.warning("%s: unusable report (%s); aligning again", safe_text(report_file), safe_text(exc))
         return None
     missing = [o.output for o in report.outcomes if o.output is not None and not o.output.is_file()]
     if missing:
-        log.warning("%s: %d aligned file(s) missing, e.g. %s; aligning again", root, len(missing), missing[0])
+        log.warning(
+            "%s: %d aligned file(s) missing, e.g. %s; aligning again",
+            safe_text(root),
+            len(missing),
+            safe_text(missing[0]),
+        )
         return None
     return report
 
@@ -141,7 +149,7 @@ def align_dataset(
     root = datasets / _folder_name(src, key)
     report_file = root.with_name(root.name + ".json")
     if not rebuild and (cached := _load_cached(root, report_file, key)) is not None:
-        log.info("align_dataset %s: cached in %s (%s)", src, root, cached.counts())
+        log.info("align_dataset %s: cached in %s (%s)", safe_text(src), safe_text(root), cached.counts())
         return root, cached
     with _build_lock(datasets / f".{root.name}.lock"):
         if not rebuild and (cached := _load_cached(root, report_file, key)) is not None:
@@ -155,7 +163,7 @@ def align_dataset(
             if staged_report.n_aligned == 0:
                 details = sorted({o.detail for o in staged_report.outcomes if o.detail})
                 raise DatasetError(
-                    f"align_dataset {src}: no face aligned in {len(staged_report.outcomes)} photo(s) "
+                    f"align_dataset {safe_text(src)}: no face aligned in {len(staged_report.outcomes)} photo(s) "
                     f"({staged_report.counts()}; {'; '.join(details[:3])})"
                 )
             if root.exists():
@@ -192,5 +200,11 @@ def align_dataset(
             "outcomes": report.to_json(root),
         }
         atomic_write_text(report_file, json.dumps(doc, indent=1, sort_keys=True, default=str))
-        log.info("align_dataset %s -> %s: %s, by detector %s", src, root, report.counts(), detector_counts(report))
+        log.info(
+            "align_dataset %s -> %s: %s, by detector %s",
+            safe_text(src),
+            safe_text(root),
+            report.counts(),
+            detector_counts(report),
+        )
         return root, report

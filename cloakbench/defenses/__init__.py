@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
+from cloakbench.defenses.base import CloakFailure, Defense, DefenseRequirements, ThreatModel, cloak_failures
 from cloakbench.defenses.budgets import Budget, quality_report
 from cloakbench.defenses.registry import DEFENSES
 
 __all__ = [
     "DEFENSES",
     "Budget",
+    "CloakFailure",
     "Defense",
     "DefenseRequirements",
     "ThreatModel",
+    "cloak_failures",
     "quality_report",
 ]

@@ -4,6 +4,14 @@
 :meth:`Defense._protect`, then enforces the budget and the [0, 1] range and quantises to the 256 uint8
 levels with rounding, as a saved PNG would be. No implementation can skip those steps, and the budget is
 re-measured on the quantised output (a violation is a bug and raises).
+
+A cloak within budget may still be no cloak: an optimiser whose kept iterate is the clean image (Fawkes v1.0's
+rule keeps the photo itself when no iterate met its bound), a perturbation below half a level that rounding
+erases, or one that does not move the surrogates' embedding. :func:`cloak_failures` says, per image, whether
+the cloak is one (the measured criterion is at :data:`MIN_SURROGATE_SHIFT`); ``cloakbench protect`` and the
+bench run it on every cloak, fresh or read from the cache, and report a failure instead of a cloak. It is a
+separate check, not part of :meth:`Defense.protect`, so a faithful preset keeps its original algorithm and
+its outcome is detected, not changed.
 """
 
 from __future__ import annotations
@@ -19,7 +27,17 @@ import torch
 from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.defenses.budgets import Budget
 from cloakbench.errors import ConfigError, ImageContractError
-from cloakbench.images import check_images
+from cloakbench.images import check_images, quantize
+
+MIN_SURROGATE_SHIFT = 0.01
+"""The least cosine distance ``1 - cos(f(x'), f(x))`` a cloak must put between the cloaked and the clean photo's
+embedding on at least one of the defense's own surrogates (the models it was optimised against) to count as
+moved. Measured on 8 celeb24 faces with SFace as the surrogate: uniform noise of +-1/255 moves the embedding by
+0.0002-0.0006 and of +-4/255 by 0.002-0.008, re-saving the photo as JPEG at quality 95 by 0-0.002 and at 75 by
+0.010-0.016; the weakest cloaks cloakbench makes move it much farther: LowKey after 2 of its 50 steps by
+0.017-0.09, OPOM after 2 of its 16 rounds by 0.03-0.22, 3 steps of Fawkes (0.3 min, v1.0 low) by 0.06-0.44, one
+PGD step at 8/255 by 0.18-0.39. Below 0.01 a cloak moves its own surrogate no more than re-saving the clean
+photo as a JPEG does."""
 
 
 class ThreatModel(enum.Enum):
@@ -33,6 +51,10 @@ class DefenseRequirements:
 
     differentiable_surrogates: bool
     min_surrogates: int
+
+
+class CloakFailure(RuntimeError):
+    """A defense's output protects nothing (:func:`cloak_failures`): reported as a failure, never as a cloak."""
 
 
 class Defense(abc.ABC):
@@ -93,3 +115,45 @@ class Defense(abc.ABC):
             "budget": self.budget.describe(),
             "surrogates": [(s.name, s.weights_id) for s in self.surrogates],
         }
+
+
+def surrogate_shift(surrogates: Sequence[Recognizer], originals: torch.Tensor, cloaked: torch.Tensor) -> torch.Tensor:
+    """Per image, the largest cosine distance ``1 - cos(f(cloaked), f(original))`` over ``surrogates`` ([B]).
+
+    A robust (EOT) surrogate is measured through its base model (``.base``): the plain photo, no random
+    transform, and its generator is left untouched so later cloaks do not change.
+    """
+    shift = torch.zeros(originals.shape[0])
+    for surrogate in surrogates:
+        model: Recognizer = getattr(surrogate, "base", surrogate)
+        with torch.no_grad():
+            a = model.embed_batched(originals)
+            b = model.embed_batched(cloaked)
+        shift = torch.maximum(shift, (1.0 - (a * b).sum(dim=1)).cpu())
+    return shift
+
+
+def cloak_failures(defense: Defense, originals: torch.Tensor, cloaked: torch.Tensor) -> list[str]:
+    """Per image, why ``cloaked`` is no cloak of ``originals`` ("" when it is one).
+
+    Two criteria, on the images as saved (rounded to uint8): *unchanged*, no pixel value differs from the
+    original's (the cloak is below half a level everywhere, or the defense returned its input); *not moved*,
+    the defense has surrogates and none of them sees the cloaked photo's embedding at a cosine distance of
+    :data:`MIN_SURROGATE_SHIFT` or more from the clean one's. A defense without surrogates (``noise``) is held to
+    the first only.
+    """
+    originals, cloaked = quantize(originals.detach().cpu()), quantize(cloaked.detach().cpu())
+    changed = (cloaked != originals).flatten(1).any(dim=1)
+    out = ["" if bool(c) else "unchanged: no pixel of the saved image differs from the original" for c in changed]
+    if not defense.surrogates or not bool(changed.any()):
+        return out
+    idx = changed.nonzero().flatten()
+    shift = surrogate_shift(defense.surrogates, originals[idx], cloaked[idx])
+    names = ", ".join(getattr(s, "name", "?") for s in defense.surrogates)
+    for i, value in zip(idx.tolist(), shift.tolist(), strict=True):
+        if not value >= MIN_SURROGATE_SHIFT:  # NaN fails too
+            out[i] = (
+                f"not moved: the embedding on its surrogate(s) {names} moved by cosine distance {value:.2g} "
+                f"(< {MIN_SURROGATE_SHIFT:g})"
+            )
+    return out

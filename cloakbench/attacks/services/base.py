@@ -39,7 +39,7 @@ from PIL import Image
 from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.config import require
 from cloakbench.errors import CloakbenchError, ImageContractError
-from cloakbench.images import check_images, from_uint8, to_uint8
+from cloakbench.images import check_images, decode_image, from_uint8, to_uint8
 
 ImageInput: TypeAlias = torch.Tensor | bytes
 """One aligned face: a canonical float32 tensor ``[1, 3, H, W]`` in [0, 1], or the bytes of a PNG file."""
@@ -129,6 +129,27 @@ class UnknownOperationError(ServiceError):
     http_status = 404
 
 
+class RequestRefusedError(ServiceError):
+    """The HTTP server refused the request before looking at it: it did not come from the run's own client."""
+
+    code = "AccessDeniedException"
+    http_status = 403
+
+
+class UnauthorizedError(RequestRefusedError):
+    """The request did not carry the server's secret (``Authorization: Bearer <secret>``)."""
+
+    code = "UnrecognizedClientException"
+    http_status = 401
+
+
+class UnsupportedMediaTypeError(RequestRefusedError):
+    """The request body is not declared ``application/json``."""
+
+    code = "UnsupportedMediaTypeException"
+    http_status = 415
+
+
 ERROR_TYPES: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
@@ -139,6 +160,9 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
         NotTrainedError,
         ThrottlingError,
         UnknownOperationError,
+        RequestRefusedError,
+        UnauthorizedError,
+        UnsupportedMediaTypeError,
     )
 }
 """Wire code -> exception type, so a client raises what the in-process service would have raised."""
@@ -274,8 +298,8 @@ def decode_png(data: bytes, *, what: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             width, height = img.size
             _check_side(height, width, what)
-            img.load()
-            rgb = img.convert("RGB")
+        # the one image loader: 16-bit PNGs scaled by their true range (not clipped to white), EXIF honoured
+        rgb = decode_image(data)
     except InvalidParameterError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -22,19 +22,47 @@ path), 409 (already exists, not trained), 429 (throttled, with ``Retry-After``) 
 the very exception type the in-process service raises, with the same message. Query counts live on the
 server (the service object), so every client of one server sees the same numbers.
 
-The server binds 127.0.0.1 only: these are local stand-ins, not something to expose to a network.
+The server binds 127.0.0.1 only: these are local stand-ins, not something to expose to a network. Binding
+to loopback keeps other machines out, not other local processes, nor a web page in a local browser that
+finds the port. So a server answers only the client that holds its **secret**, a random token made for each
+server (``secrets.token_urlsafe``; randomness from the OS, never a seed: it is a credential, not a result).
+Before it reads a request body, the server refuses, and counts (:attr:`ServiceServer.refusals`):
+
+- a ``Host`` header other than the ``127.0.0.1:<port>`` it is bound to (403 ``AccessDeniedException``): a
+  web page that re-resolved its own domain to 127.0.0.1 (DNS rebinding) sends its own domain;
+- a missing or wrong ``Authorization: Bearer <secret>`` (401 ``UnrecognizedClientException``; compared in
+  constant time, never echoed); only ``GET /health`` needs no secret;
+- a POST whose ``Content-Type`` is not ``application/json`` (415 ``UnsupportedMediaTypeException``): what a
+  web page may send cross-origin without asking first (``text/plain``, forms).
+
+The benchmark starts the server and builds its client in the same process, so the secret never leaves the
+process (no file, environment variable or command line holds it). Code that serves a service itself gets
+both from :func:`serve` (a :class:`ServiceEndpoint`) or from :attr:`ServiceServer.endpoint`; a client in
+another process needs the secret handed to it by whoever started the server.
+
+Malformed requests get a 400 with a JSON error, never a 500: a ``Content-Length`` that is not 1..12 ASCII
+digits (``int()`` would take ``'١٢'``; http.server reads header bytes as Latin-1, so ``b"\\xb2"`` arrives as
+``'²'``, which ``str.isdigit`` accepts), a body shorter than its ``Content-Length``, JSON nested too deeply,
+an integer of more digits than Python converts. A client that hangs up is logged at debug level.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import http.client
 import json
+import logging
+import re
+import secrets
+import sys
 import threading
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -56,10 +84,13 @@ from cloakbench.attacks.services.base import (
     ImageInput,
     InvalidParameterError,
     Person,
+    RequestRefusedError,
     ServiceCore,
     ServiceError,
     ThrottlingError,
+    UnauthorizedError,
     UnknownOperationError,
+    UnsupportedMediaTypeError,
     check_identify_count,
     encode_png,
     image_to_uint8,
@@ -70,11 +101,28 @@ from cloakbench.attacks.services.rekognition import FaceCollection
 LOOPBACK = "127.0.0.1"
 MAX_BODY_BYTES = IDENTIFY_MAX_IMAGES * (MAX_IMAGE_BYTES * 4 // 3 + 16) + 64 * 1024
 """Ten base64 images at the size limit plus room for the other fields."""
+MAX_LENGTH_DIGITS = 12
+"""The most digits a ``Content-Length`` may have (anything longer is over :data:`MAX_BODY_BYTES` anyway)."""
+MAX_INT_DIGITS = 4300
+"""The most digits an integer in a request body may have (Python's own limit for ``int(str)``)."""
+SECRET_BYTES = 32
+"""Entropy of a server's secret (``secrets.token_urlsafe(32)``: 43 characters)."""
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token: what may follow "Bearer "
+
+log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------- wire helpers
+
+
+def _parse_int(text: str) -> int:
+    """``json.loads``'s integer parser, with the digit limit as a clear 400 instead of int()'s ValueError."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise InvalidParameterError(f"request body has an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
 
 
 def _field(body: Json, name: str) -> Any:
@@ -222,10 +270,69 @@ def _admin(service: ServiceCore, action: str) -> Json | None:
 # ---------------------------------------------------------------------------------------------- server
 
 
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """Where a served service answers (``http://127.0.0.1:<port>``) and the secret its server accepts.
+
+    The secret is left out of ``repr`` (and so of log lines and tracebacks)."""
+
+    url: str
+    secret: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None:
+            raise ValueError(f"service url must look like http://HOST:PORT, got {self.url!r}")
+        if not self.secret:
+            raise ValueError("a service endpoint needs the server's secret (ServiceServer.secret)")
+        if not _TOKEN.fullmatch(self.secret):
+            raise ValueError("the server's secret may hold only letters, digits and -._~+/= (a Bearer token)")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     rekognition: FaceCollection | None = None
     face: PersonGroupService | None = None
+
+    def __init__(self, address: tuple[str, int], secret: str) -> None:
+        super().__init__(address, _Handler)
+        self.secret = secret.encode("ascii")
+        self.host_header = f"{LOOPBACK}:{self.server_address[1]}"
+        self.refusals: Counter[str] = Counter()
+        self.refusals_lock = threading.Lock()
+
+    def refuse(self, reason: str, exc: RequestRefusedError) -> RequestRefusedError:
+        with self.refusals_lock:
+            self.refusals[reason] += 1
+        log.debug("refused a request (%s): %s", reason, exc)
+        return exc
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr; a client that hangs up is routine, anything else a bug."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s hung up: %s", client_address, exc)
+        else:
+            log.error("error serving a request from %s", client_address, exc_info=True)
+
+
+def _shown(values: list[str]) -> str:
+    """A header's values for an error message: quoted and cut short (they come from anyone)."""
+    if not values:
+        return "none"
+    if len(values) > 1:
+        return f"{len(values)} headers"
+    value = values[0]
+    return f"{value[:40]!r}" + ("..." if len(value) > 40 else "")
+
+
+def _secret_matches(header: str, secret: bytes) -> bool:
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), secret)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -234,7 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may take to send its request
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: a benchmark must not print a line per query."""
+        """Quiet: a benchmark must not print a line per query (debug level for those who ask)."""
+        log.debug("%s %s", self.address_string(), format % args)
 
     def _reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
@@ -252,45 +360,135 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(exc, ThrottlingError):
             payload["RetryAfterSeconds"] = exc.retry_after_s
             headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if isinstance(exc, UnauthorizedError):
+            headers["WWW-Authenticate"] = 'Bearer realm="cloakbench-services"'
+        self.close_connection = True
         self._reply(exc.http_status, payload, headers)
 
+    def _answer(self, work: Callable[[], Json]) -> None:
+        """Reply with ``work()``, or with the error it raised; a client that hung up gets nothing."""
+        try:
+            try:
+                payload = work()
+            except ServiceError as exc:
+                self._error(exc)
+                return
+            except ConnectionError:
+                raise
+            except Exception as exc:  # a bug must reach the client as a 500, not a dropped connection
+                log.error("internal error answering %s %s", self.command, self.path, exc_info=True)
+                self._error(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
+                return
+            self._reply(200, payload)
+        except ConnectionError as exc:
+            self.close_connection = True
+            log.debug("client %s hung up: %s", self.client_address, exc)
+
+    def _check_caller(self, *, needs_secret: bool, needs_json: bool) -> None:
+        """Refuse (and count) a request that did not come from the run's own client; see the module docstring."""
+        server = self.server
+        hosts = self.headers.get_all("Host") or []
+        if hosts != [server.host_header]:
+            raise server.refuse(
+                "host",
+                RequestRefusedError(
+                    f"request refused: Host {_shown(hosts)} is not this server's address ({server.host_header})"
+                ),
+            )
+        if needs_secret:
+            auth = self.headers.get_all("Authorization") or []
+            if len(auth) != 1 or not _secret_matches(auth[0], server.secret):
+                raise server.refuse(
+                    "secret",
+                    UnauthorizedError(
+                        "request refused: it does not carry this server's secret "
+                        "(send Authorization: Bearer <ServiceServer.secret>)"
+                    ),
+                )
+        if needs_json:
+            types = self.headers.get_all("Content-Type") or []
+            media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
+            if media != "application/json":
+                raise server.refuse(
+                    "content-type",
+                    UnsupportedMediaTypeError(
+                        f"request refused: Content-Type must be application/json, got {_shown(types)}"
+                    ),
+                )
+
+    def _drain(self) -> None:
+        """Read and drop a refused request's body, so that closing the socket does not reset the connection
+        (and lose the reply) under a client still sending; bounded by :data:`MAX_BODY_BYTES`."""
+        length = self.headers.get("Content-Length", "")
+        if not (length.isascii() and length.isdigit() and len(length) <= MAX_LENGTH_DIGITS):
+            return
+        remaining = min(int(length), MAX_BODY_BYTES)
+        while remaining > 0:
+            try:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+            except TimeoutError:
+                return
+            if not chunk:
+                return
+            remaining -= len(chunk)
+
+    def _read_body(self) -> bytes:
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise InvalidParameterError("request needs a Content-Length header")
+        length = lengths[0]
+        if len(lengths) > 1 or not (length.isascii() and length.isdigit() and len(length) <= MAX_LENGTH_DIGITS):
+            raise InvalidParameterError(f"Content-Length must be one byte count in ASCII digits, got {_shown(lengths)}")
+        size = int(length)
+        if size > MAX_BODY_BYTES:
+            raise InvalidParameterError(f"request body of {size} bytes exceeds {MAX_BODY_BYTES} bytes")
+        try:
+            raw = self.rfile.read(size)
+        except TimeoutError:
+            raise InvalidParameterError(f"request body not received within {self.timeout} s") from None
+        if len(raw) < size:
+            raise InvalidParameterError(
+                f"request body of {len(raw)} bytes is shorter than its Content-Length ({size} bytes)"
+            )
+        return raw
+
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def _get(self) -> Json:
         path = urllib.parse.urlsplit(self.path).path
+        self._check_caller(needs_secret=path != "/health", needs_json=False)
         if path == "/health":
-            self._reply(200, {"status": "ok"})
-        elif path == "/usage":
-            usage = {
+            return {"status": "ok"}
+        if path == "/usage":
+            return {
                 name: service.query_counts()
                 for name, service in (("rekognition", self.server.rekognition), ("face", self.server.face))
                 if service is not None
             }
-            self._reply(200, usage)
-        else:
-            self._error(UnknownOperationError(f"GET {path}: no such resource (try /usage or /health)"))
+        raise UnknownOperationError(f"GET {path}: no such resource (try /usage or /health)")
 
     def do_POST(self) -> None:
-        try:
-            self._reply(200, self._dispatch())
-        except ServiceError as exc:
-            self._error(exc)
-        except Exception as exc:  # a bug must reach the client as a 500, not a dropped connection
-            self._error(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
+        self._answer(self._post)
 
-    def _dispatch(self) -> Json:
+    def _post(self) -> Json:
+        try:
+            self._check_caller(needs_secret=True, needs_json=True)
+        except RequestRefusedError:
+            self._drain()
+            raise
+        raw = self._read_body()
         parts = urllib.parse.urlsplit(self.path).path.strip("/").split("/")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise InvalidParameterError("request needs a Content-Length header")
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise InvalidParameterError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(int(length))
         if len(parts) != 2:
             raise UnknownOperationError(f"POST {self.path}: expected /rekognition/<Action> or /face/<Action>")
         api, action = parts
         try:
-            body = json.loads(raw) if raw else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = json.loads(raw, parse_int=_parse_int) if raw else {}
+        except RecursionError:
+            raise InvalidParameterError("request body is not valid JSON (it nests too deeply)") from None
+        except InvalidParameterError:  # from _parse_int (a ValueError too: keep its own message)
+            raise
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise InvalidParameterError(f"request body is not valid JSON ({exc})") from None
         if not isinstance(body, dict):
             raise InvalidParameterError("request body must be a JSON object")
@@ -313,13 +511,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 class ServiceServer:
     """A ThreadingHTTPServer on 127.0.0.1 serving one :class:`FaceCollection` and/or one
-    :class:`PersonGroupService`; ``port=0`` picks a free ephemeral port. Use :func:`serve` for a
-    context-managed one."""
+    :class:`PersonGroupService`; ``port=0`` picks a free ephemeral port. It answers only requests that
+    carry its :attr:`secret` (a fresh random one unless given); :attr:`endpoint` is what a client needs.
+    Use :func:`serve` for a context-managed one."""
 
-    def __init__(self, *services: FaceCollection | PersonGroupService, port: int = 0) -> None:
+    def __init__(
+        self, *services: FaceCollection | PersonGroupService, port: int = 0, secret: str | None = None
+    ) -> None:
         if not services:
             raise ValueError("ServiceServer needs at least one service to serve")
-        self._httpd = _Server((LOOPBACK, port), _Handler)
+        secret = secrets.token_urlsafe(SECRET_BYTES) if secret is None else secret
+        ServiceEndpoint(f"http://{LOOPBACK}:1", secret)  # checks the secret before binding a port
+        self._httpd = _Server((LOOPBACK, port), secret)
+        self._secret = secret
         for service in services:
             if isinstance(service, FaceCollection) and self._httpd.rekognition is None:
                 self._httpd.rekognition = service
@@ -342,6 +546,26 @@ class ServiceServer:
         host, port = self.address
         return f"http://{host}:{port}"
 
+    @property
+    def secret(self) -> str:
+        """The token clients send as ``Authorization: Bearer <secret>``."""
+        return self._secret
+
+    @property
+    def endpoint(self) -> ServiceEndpoint:
+        return ServiceEndpoint(self.base_url, self._secret)
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        """Requests refused so far, by reason: ``host``, ``secret``, ``content-type``."""
+        with self._httpd.refusals_lock:
+            return dict(sorted(self._httpd.refusals.items()))
+
+    @property
+    def refused_requests(self) -> int:
+        """How many requests were refused so far (see :attr:`refusals`)."""
+        return sum(self.refusals.values())
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("server already started")
@@ -363,12 +587,13 @@ class ServiceServer:
 
 
 @contextmanager
-def serve(*services: FaceCollection | PersonGroupService, port: int = 0) -> Iterator[str]:
-    """Serve ``services`` on 127.0.0.1 for the duration of the ``with`` block; yields the base URL."""
+def serve(*services: FaceCollection | PersonGroupService, port: int = 0) -> Iterator[ServiceEndpoint]:
+    """Serve ``services`` on 127.0.0.1 for the duration of the ``with`` block; yields the
+    :class:`ServiceEndpoint` (url and secret) that :class:`CollectionClient` / :class:`PersonGroupClient` take."""
     server = ServiceServer(*services, port=port)
     server.start()
     try:
-        yield server.base_url
+        yield server.endpoint
     finally:
         server.stop()
 
@@ -392,19 +617,24 @@ def _encode_image(image: object, what: str) -> str:
 class _Client:
     api = ""
 
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
-            raise ValueError(f"base_url must look like http://HOST:PORT, got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, endpoint: ServiceEndpoint, *, timeout: float = 60.0) -> None:
+        if not isinstance(endpoint, ServiceEndpoint):
+            raise TypeError(
+                f"{type(self).__name__} needs a ServiceEndpoint (the server's url and secret: serve() yields one, "
+                f"ServiceServer.endpoint is one), got {type(endpoint).__name__}"
+            )
+        parts = urllib.parse.urlsplit(endpoint.url)
+        assert parts.hostname is not None and parts.port is not None  # ServiceEndpoint checked both
+        self.base_url = endpoint.url.rstrip("/")
         self._host, self._port = parts.hostname, parts.port
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {endpoint.secret}"}
         self.timeout = timeout
 
     def _post(self, action: str, payload: Json) -> Json:
         body = json.dumps(payload, default=_json_default).encode()
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
-            conn.request("POST", f"/{self.api}/{action}", body=body, headers={"Content-Type": "application/json"})
+            conn.request("POST", f"/{self.api}/{action}", body=body, headers=self._headers)
             response = conn.getresponse()
             status, data = response.status, response.read()
         except OSError as exc:

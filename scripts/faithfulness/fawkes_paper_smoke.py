@@ -1,8 +1,6 @@
 """Smoke check of the Fawkes paper version at its lowest preset (``fawkes-min``, its default steps).
 
-NO STORED OUTPUT: the ad-hoc run this script comes from (/tmp/faith/fawkes_paper_min_smoke.py, 2026-12-02)
-printed to a terminal and its output was not kept, so there is no file under benchmarks/results/faithfulness/
-for it. Run it again to get one.
+Output: benchmarks/results/faithfulness/fawkes_paper_smoke.txt (see that folder's README for the machine).
 
 Cloaks the first 2 Tom_Hanks photos of celeb24 with ``fawkes-min`` (surrogate sface, target pool = celeb24
 itself, seed 0) and prints: the chosen target; then the seconds taken (cloaking plus embedding the target's

@@ -57,8 +57,11 @@ def main() -> None:
         t = time.perf_counter()
         ad = ADAPTATIONS.create(name, **params).adapt(sface, data, seed=0)
         s = time.perf_counter() - t
-        eq = ad.recognizer.embed_batched(xq).numpy()
-        head = np.array(ad.classes)[ad.head_scores(eq).argmax(1)]
+        # FaceCure's head reads the raw features: its scores come from the model up to its softmax
+        scores = ad.logits.embed_batched(xq).numpy() if ad.logits is not None else ad.head_scores(
+            ad.recognizer.embed_batched(xq).numpy()
+        )
+        head = np.array(ad.classes)[scores.argmax(1)]
         print(
             f"{name} {params}: {s:.0f} s; NN clean accuracy {nn_acc(ad.recognizer):.3f}; softmax-head accuracy "
             f"{float((head == yq).mean()):.3f}; final train loss {ad.report.final_loss:.3f} "

@@ -1,9 +1,8 @@
 """Seconds per training step of SFace fine-tuning at FaceCure's batch size (32), on this machine.
 
-NO STORED OUTPUT: the ad-hoc run this script comes from (/tmp/h5/time_step.py, 2026-12-02) printed to a
-terminal and its output was not kept, so there is no file under benchmarks/results/faithfulness/ for it.
+Output: benchmarks/results/faithfulness/tracker_time_step.txt (see that folder's README for the machine).
 
-A deep copy of SFace in training mode plus a 20-class linear head on its normalised embedding, Adadelta
+A deep copy of SFace in training mode plus a 20-class linear head on its raw output (FaceCure's head), Adadelta
 (lr 1.0, rho 0.95, eps 1e-7), on one fixed random batch of 32 112x112 images with random labels (seed 0):
 times 6 forward + cross-entropy + backward + optimiser steps and prints torch's thread count and the seconds
 of each step. Uses no dataset.
@@ -34,8 +33,7 @@ def main() -> None:
     ts = []
     for _ in range(6):
         t = time.perf_counter()
-        f = F.normalize(m(rec.preprocess(x)), dim=1)
-        loss = F.cross_entropy(head(f), y)
+        loss = F.cross_entropy(head(m(rec.preprocess(x))), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

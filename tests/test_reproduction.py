@@ -56,10 +56,15 @@ def test_facecure_tiny_reproduces_its_stored_numbers(
             assert (
                 rate(numbers, "fawkes-v1-high-half", "none", clf) <= rate(numbers, "fawkes-v1-high", "none", clf) - 0.5
             )
-            # FaceCure's adaptive tracker (trained on both defenses' cloaks of other users) lowers both cloaks
-            # (stored: Fawkes 0.50 NN / 0.00 linear, LowKey 0.50 / 0.17, from 1.00)
-            for defense in ("fawkes-v1-high", "lowkey"):
-                assert rate(numbers, defense, "adaptive", clf) <= rate(numbers, defense, "none", clf) - 0.3, defense
+        # FaceCure's adaptive tracker (both defenses' cloaks of other users, 30 batches, its head on the raw
+        # features) lowers Fawkes v1.0 high: stored 0.67 NN / 0.33 linear from 1.00 / 1.00, a drop of 1.00 summed
+        # over the two classifiers; >= 0.5 leaves room for one photo per cell. LowKey stays at 1.00 at this size
+        # (not asserted; docs/reproduction.md, "Then the head moved to the raw features").
+        drop = sum(
+            rate(numbers, "fawkes-v1-high", "none", clf) - rate(numbers, "fawkes-v1-high", "adaptive", clf)
+            for clf in ("nearest-neighbour", "linear")
+        )
+        assert drop >= 0.5, drop
     assert STORED.read_bytes() == stored_bytes  # the test reads the stored numbers, never writes them
 
 

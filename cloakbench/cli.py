@@ -1,4 +1,5 @@
-"""Command-line interface: ``cloakbench run | export | report | list | validate | protect | cache | bench``.
+"""Command-line interface: ``cloakbench run | export | report | leaderboard | list | validate | protect | cache |
+bench``.
 
 Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
 2 bad input (suite, dataset, arguments, a damaged or empty results store) or a full disk; 3 a required file
@@ -177,23 +178,67 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from cloakbench.reports.leaderboard import write_leaderboard
+
+    out = write_leaderboard([Path(r) for r in args.results], Path(args.out).resolve(), merge=args.merge)
+    if args.json:
+        rows = [{**{k: v for k, v in r.items() if k != "protection"}, "protection": r["protection"].value,
+                 "ci_low": r["protection"].low, "ci_high": r["protection"].high} for r in out.board.rows]  # fmt: skip
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+        payload = {"folder": str(out.folder), "files": [str(p) for p in out.files], "merged": list(out.board.merged),
+                   "rows": clean}  # fmt: skip
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        sys.stdout.write((out.folder / "leaderboard.md").read_text(encoding="utf-8"))
+        sys.stdout.write(f"\nopen {out.folder / 'leaderboard.html'}\n")
+    return EXIT_OK
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cloakbench.attacks.adaptation import ADAPTATIONS
     from cloakbench.attacks.recognizers import RECOGNIZERS
     from cloakbench.attacks.transforms import TRANSFORMS
     from cloakbench.bench.classifiers import CLASSIFIERS
-    from cloakbench.bench.suite import builtin_suites
+    from cloakbench.bench.suite import Protocol, ServiceKind, Transport, builtin_suites
     from cloakbench.defenses import DEFENSES
+    from cloakbench.plugins import loaded_plugins
 
+    if args.suite:  # its plug-ins register their components (a bad suite is an error, as for validate)
+        from cloakbench.bench.suite import load_suite
+
+        load_suite(_suite_path(args.suite))
     registries: dict[str, Any] = {
         "defenses": DEFENSES, "recognizers": RECOGNIZERS, "transforms": TRANSFORMS, "adaptations": ADAPTATIONS,
         "classifiers": CLASSIFIERS,
     }  # fmt: skip
-    kinds = [args.kind] if args.kind else [*registries, "suites"]
+    kinds = [args.kind] if args.kind else [*registries, "services", "protocols", "plugins", "suites"]
     payload: dict[str, Any] = {}
     for kind in kinds:
         if kind == "suites":
-            payload[kind] = [{"name": n} for n in builtin_suites()]
+            payload[kind] = [{"name": n, "origin": "built-in"} for n in builtin_suites()]
+        elif kind == "services":  # suite key services[].kind; every one is backed by any recognizer
+            transports = ", ".join(t.value for t in Transport)
+            payload[kind] = [
+                {"name": s.value, "summary": _SERVICE_SUMMARIES.get(s.value, ""), "origin": "built-in",
+                 "details": {"transports": transports, "backend": "any recognizer (services[].backend)"}}
+                for s in ServiceKind
+            ]  # fmt: skip
+        elif kind == "protocols":
+            payload[kind] = [
+                {"name": p.value, "summary": _PROTOCOL_SUMMARIES.get(p.value, ""), "origin": "built-in"}
+                for p in Protocol
+            ]
+        elif kind == "plugins":
+            for registry in registries.values():
+                len(registry)  # reading a registry loads its installed plug-ins
+            payload[kind] = [
+                {"name": str(p.origin), "origin_kind": p.origin.kind.value, "source": p.origin.source,
+                 "version": p.version, "entry_point": p.origin.detail,
+                 "registers": [f"{k} {n}" for k, n in p.registered]}
+                for p in loaded_plugins()
+            ]  # fmt: skip
         else:
             payload[kind] = [_entry_payload(e) for e in registries[kind]]
     if args.json:
@@ -202,6 +247,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     for kind, entries in payload.items():
         sys.stdout.write(f"{kind}:\n")
+        if kind == "plugins" and not entries:
+            sys.stdout.write(
+                "  none loaded (installed ones register through entry points of the groups cloakbench.defenses, "
+                ".recognizers, .transforms, .adaptations; --suite FILE loads a suite's plugins: list)\n"
+            )
         for e in entries:
             sys.stdout.write(f"  {e['name']:<24} {e.get('summary', '')}".rstrip() + "\n")
             cite = ", ".join(str(x) for x in (e.get("paper"), e.get("venue"), e.get("year")) if x)
@@ -211,9 +261,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 lines.append(("weights", f"{e['weights']} ({e['license']})"))
             if e.get("cached") is not None:
                 lines.append(("cached", "yes" if e["cached"] else "no (fetched on first use)"))
+            if kind == "plugins":
+                lines += [("entry point", e["entry_point"])] if e["entry_point"] else [("sha256", e["version"])]
+                lines.append(("registers", ", ".join(e["registers"]) or "nothing"))
+            elif kind != "suites":
+                lines.append(("origin", e["origin"]))
             for key, value in lines:
                 sys.stdout.write(f"  {'':<24} {key}: {value}\n")
     return EXIT_OK
+
+
+_SERVICE_SUMMARIES = {
+    "rekognition": "Amazon Rekognition-like collections: index faces, search faces by image (poisoning and evasion)",
+    "azure": "Azure Face-like person groups: add faces, train, identify (poisoning only: no gallery search)",
+}
+_PROTOCOL_SUMMARIES = {
+    "poisoning": "the tracker enrols the (cloaked) photos and classifies clean query photos (Fawkes, FaceCure)",
+    "evasion": "cloaked photos sit in a searchable gallery; clean probes search it, rank-1/5/50 (LowKey)",
+    "probe-cloaking": "a universal mask fitted on enrollment photos cloaks unseen query photos, searched against a "
+    "clean gallery (OPOM)",
+}
 
 
 def _entry_payload(entry: Any) -> dict[str, Any]:
@@ -229,6 +296,8 @@ def _entry_payload(entry: Any) -> dict[str, Any]:
         "tags": list(meta.tags),
         "details": dict(meta.details),
         "cached": None if meta.is_cached is None else bool(meta.is_cached()),
+        "origin": str(entry.origin),  # built-in, entry point <dist> <version>, plug-in file <path>, ...
+        "origin_kind": entry.origin.kind.value,
     }
 
 
@@ -399,11 +468,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep_mode.add_argument("--json", action="store_true", help="print the written files as JSON")
     rep.set_defaults(func=_cmd_report)
 
+    board = sub.add_parser(
+        "leaderboard",
+        help="rank the defenses of stored runs by their worst case over every tracker, beside quality and cost",
+    )
+    board.add_argument("results", nargs="+", help="results folders (or their results.sqlite files)")
+    board.add_argument(
+        "--out", default="leaderboard", help="folder for leaderboard.md, .html and tables/ (default: %(default)s)"
+    )
+    board.add_argument(
+        "--merge",
+        action="store_true",
+        help="rank runs whose dataset, protected people or protocols differ together (the page says what differs)",
+    )
+    board_mode = board.add_mutually_exclusive_group()
+    board_mode.add_argument("--quiet", action="store_true")
+    board_mode.add_argument("--json", action="store_true", help="print the ranked rows as JSON")
+    board.set_defaults(func=_cmd_leaderboard)
+
     lst = sub.add_parser("list", help="list registered components")
     lst.add_argument(
-        "kind", nargs="?", choices=["defenses", "recognizers", "transforms", "adaptations", "classifiers", "suites"]
-    )
+        "kind",
+        nargs="?",
+        choices=[
+            "defenses", "recognizers", "transforms", "adaptations", "classifiers", "services", "protocols", "plugins",
+            "suites",
+        ],
+    )  # fmt: skip
     lst.add_argument("--json", action="store_true")
+    lst.add_argument("--suite", help="load this suite's plug-ins first (a suite file or a built-in suite's name)")
     lst.set_defaults(func=_cmd_list)
 
     val = sub.add_parser("validate", help="check a suite file without running it")

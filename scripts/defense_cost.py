@@ -52,6 +52,7 @@ TWO_SURROGATES = ("sface", "facenet-casia")
 NOT_PRESETS = {
     "fawkes": "the customisable base entry (its defaults: 1000 steps, DSSIM 0.007, the cost of fawkes-ultra)",
     "fawkes-v1": "the same defaults as fawkes-v1-high",
+    "precomputed": "reads cloaked files another tool wrote: it makes no cloak to time",
 }
 
 

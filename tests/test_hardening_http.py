@@ -1,8 +1,10 @@
 """Hardening of the HTTP services (issue 18, items 1 and 13), over real HTTP on loopback against the real server.
 
-Item 1: a running benchmark's server must answer only the client the benchmark built: a per-run secret (bearer
-token), the loopback Host it was bound to and a JSON content type; every refused request is counted, and a run
-records the count (store, cell notes, a warning). Before the fix any local process (or a web page that found the
+Item 1: a running benchmark's server must answer only the client the benchmark built: a per-run secret (a SigV4
+signature made with it on the Rekognition route, Amazon Rekognition's own protocol; a bearer token on the
+administrative routes), the loopback Host it was bound to and the route's content type; every refused request is
+counted, and a run records the count (store, cell notes, a warning).
+Before the fix any local process (or a web page that found the
 port) could index faces into the run's collection: the run then reported protection 0.0 instead of 1.0, ``ok``.
 
 Item 13: malformed requests (deep nesting, non-ASCII digits in Content-Length, huge integers, a body shorter than
@@ -34,8 +36,10 @@ from cloakbench.attacks.services import (
     ServiceServer,
     UnauthorizedError,
     serve,
+    sigv4,
 )
 from cloakbench.attacks.services.base import encode_png, image_to_uint8
+from cloakbench.attacks.services.rekognition_wire import CONTENT_TYPE
 from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.executors import run_into_store
 from cloakbench.bench.store import ResultsStore
@@ -131,7 +135,29 @@ def raw(port: int, request: bytes, *, half_close: bool = False) -> tuple[int, di
 
 
 def auth(server: ServiceServer) -> dict[str, str]:
+    """Headers of the administrative routes (``/rekognition/QueryCounts``, ...): the secret as a bearer token."""
     return {"Authorization": f"Bearer {server.secret}", "Content-Type": "application/json"}
+
+
+def signed(
+    server: ServiceServer,
+    action: str,
+    body: bytes,
+    *,
+    secret: str | None = None,
+    host: str | None = None,
+    content_type: str = CONTENT_TYPE,
+) -> dict[str, str]:
+    """Headers of a Rekognition request (``POST /``) signed with SigV4 (the server's secret unless given); the
+    ``Host`` is left to :func:`post`, which sends ``host`` (signed as it is sent)."""
+    port = server.address[1]
+    headers = sigv4.sign(
+        "POST", f"http://{host or f'127.0.0.1:{port}'}/", {"Content-Type": content_type,
+        "X-Amz-Target": f"RekognitionService.{action}"}, body, access_key_id=server.endpoint.access_key_id,
+        secret=server.secret if secret is None else secret, region=server.region, service="rekognition",
+    )  # fmt: skip
+    del headers["Host"]
+    return headers
 
 
 def index_body(image: torch.Tensor, name: str) -> bytes:
@@ -147,20 +173,22 @@ def test_a_request_without_the_run_secret_is_refused_and_changes_nothing(
     port = server.address[1]
     faces_before, counts_before = service.list_faces(GALLERY), service.query_counts()
     image, name = photos[5]
+    amz = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": "RekognitionService.IndexFaces"}
+    delete = json.dumps({"CollectionId": GALLERY}).encode()
     json_only = {"Content-Type": "application/json"}
-    attempts = [
-        ("/rekognition/IndexFaces", index_body(image, name), json_only),  # no secret at all
-        ("/rekognition/IndexFaces", index_body(image, name), {**json_only, "Authorization": "Bearer guess"}),
-        ("/rekognition/ResetQueryCounts", b"{}", json_only),
-        ("/rekognition/DeleteCollection", json.dumps({"CollectionId": GALLERY}).encode(), json_only),
-    ]
-    for path, body, headers in attempts:
-        status, reply = post(port, path, body, headers=headers)
-        assert status == 401, (path, status, reply)
-        assert reply["__type"] == "UnrecognizedClientException" and "secret" in reply["message"]
+    attempts = [  # (path, body, headers, status, exception name): Amazon Rekognition's names for each
+        ("/", index_body(image, name), amz, 400, "MissingAuthenticationTokenException"),  # no signature at all
+        ("/", index_body(image, name), {**amz, "Authorization": "Bearer guess"}, 400, "IncompleteSignatureException"),
+        ("/", delete, signed(server, "DeleteCollection", delete, secret="guess"), 400, "InvalidSignatureException"),
+        ("/", index_body(image, name), signed(server, "IndexFaces", b"{}"), 400, "InvalidSignatureException"),
+        ("/rekognition/ResetQueryCounts", b"{}", json_only, 401, "UnrecognizedClientException"),
+    ]  # the fourth: signed for another body
+    for path, body, headers, status, code in attempts:
+        got, reply = post(port, path, body, headers=headers)
+        assert (got, reply["__type"]) == (status, code), (path, reply)
     secret = server.secret
     for wrong in (secret[:-1], secret + "x", f"Basic {secret}", f"bearer  {secret}x", ""):
-        status, _ = post(port, "/rekognition/ListCollections", b"{}", headers={**json_only, "Authorization": wrong})
+        status, _ = post(port, "/rekognition/QueryCounts", b"{}", headers={**json_only, "Authorization": wrong})
         assert status == 401, wrong
     status, reply = get(port, "/usage", headers={})
     assert status == 401
@@ -168,8 +196,9 @@ def test_a_request_without_the_run_secret_is_refused_and_changes_nothing(
     assert service.list_faces(GALLERY) == faces_before  # nothing indexed, nothing deleted
     assert server.refused_requests == len(attempts) + 5 + 1
     assert server.refusals == {"secret": len(attempts) + 5 + 1}
-    status, reply = post(port, "/rekognition/ListCollections", b"{}", headers=auth(server))
-    assert (status, reply) == (200, {"CollectionIds": [GALLERY]})  # the run's own client gets in
+    status, reply = post(port, "/", b"{}", headers=signed(server, "ListCollections", b"{}"))
+    assert (status, reply["CollectionIds"]) == (200, [GALLERY])  # the run's own client gets in
+    assert server.refused_requests == len(attempts) + 5 + 1
 
 
 def test_a_foreign_host_header_is_refused(
@@ -179,10 +208,11 @@ def test_a_foreign_host_header_is_refused(
     port = server.address[1]
     before = service.list_faces(GALLERY)
     image, name = photos[5]
+    body = index_body(image, name)
     for host in (f"evil.example:{port}", "127.0.0.1", f"127.0.0.1:{port + 1}", f"localhost.evil.example:{port}"):
-        status, reply = post(port, "/rekognition/IndexFaces", index_body(image, name), headers=auth(server), host=host)
-        assert status == 403, host
-        assert reply["__type"] == "AccessDeniedException" and f"127.0.0.1:{port}" in reply["message"]
+        status, reply = post(port, "/", body, headers=signed(server, "IndexFaces", body, host=host), host=host)
+        assert status == 400, host  # Amazon Rekognition answers every client error with 400
+        assert reply["__type"] == "AccessDeniedException" and f"127.0.0.1:{port}" in reply["Message"]
     status, _ = get(port, "/health", headers={}, host=f"evil.example:{port}")
     assert status == 403
     assert service.list_faces(GALLERY) == before
@@ -197,16 +227,26 @@ def test_a_non_json_content_type_is_refused(
     port = server.address[1]
     before = service.list_faces(GALLERY)
     image, name = photos[5]
+    body = index_body(image, name)
+    ctypes = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/json")
+    for ctype in (*ctypes, None):
+        headers = signed(server, "IndexFaces", body)
+        if ctype is None:
+            del headers["Content-Type"]
+        else:
+            headers["Content-Type"] = ctype
+        status, reply = post(port, "/", body, headers=headers)
+        assert status == 400, ctype
+        assert reply["__type"] == "UnsupportedMediaTypeException" and CONTENT_TYPE in reply["Message"]
     secret = {"Authorization": f"Bearer {server.secret}"}
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
-        headers = secret if ctype is None else {**secret, "Content-Type": ctype}
-        status, reply = post(port, "/rekognition/IndexFaces", index_body(image, name), headers=headers)
-        assert status == 415, ctype
-        assert reply["__type"] == "UnsupportedMediaTypeException" and "application/json" in reply["message"]
+    status, reply = post(port, "/rekognition/QueryCounts", b"{}", headers={**secret, "Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in reply["message"]
     assert service.list_faces(GALLERY) == before
-    assert server.refusals == {"content-type": 4}
+    assert server.refusals == {"content-type": len(ctypes) + 2}
     json_utf8 = {**secret, "Content-Type": "Application/JSON; charset=utf-8"}
-    assert post(port, "/rekognition/ListCollections", b"{}", headers=json_utf8)[0] == 200
+    assert post(port, "/rekognition/QueryCounts", b"{}", headers=json_utf8)[0] == 200
+    amz = signed(server, "ListCollections", b"{}", content_type="Application/X-Amz-JSON-1.1; charset=utf-8")
+    assert post(port, "/", b"{}", headers=amz)[0] == 200
 
 
 def test_clients_send_the_secret_and_a_wrong_one_is_refused_without_echoing_it(
@@ -221,7 +261,7 @@ def test_clients_send_the_secret_and_a_wrong_one_is_refused_without_echoing_it(
         client.index_faces(GALLERY, photos[0][0], photos[0][1])
         assert [f.external_image_id for f in service.list_faces(GALLERY)] == [photos[0][1]]
         wrong = ServiceEndpoint(endpoint.url, "not-the-secret")
-        with pytest.raises(UnauthorizedError, match="secret") as info:
+        with pytest.raises(UnauthorizedError, match="signature") as info:
             CollectionClient(wrong).index_faces(GALLERY, photos[1][0], photos[1][1])
         assert "not-the-secret" not in str(info.value) and endpoint.secret not in str(info.value)
         assert len(service.list_faces(GALLERY)) == 1
@@ -239,17 +279,15 @@ def _attacker(photos: list[tuple[torch.Tensor, str]], aliases: dict[str, str], l
         port = int(names[0].rsplit("-", 1)[1]) if names else None
         time.sleep(0.001)
     assert port is not None
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": CONTENT_TYPE, "X-Amz-Target": "RekognitionService.IndexFaces"}
     for image, name in photos:
         body = json.dumps(
             {"CollectionId": "cloakbench", "Image": {"Bytes": b64_png(image)}, "ExternalImageId": aliases[name]}
         ).encode()
-        while True:
-            status, _ = post(port, "/rekognition/IndexFaces", body, headers=headers)
-            log.append(status)
-            if status != 404:  # 404: the run has not created its collection yet
-                break
-    log.append(post(port, "/rekognition/ResetQueryCounts", b"{}", headers=headers)[0])
+        status, reply = post(port, "/", body, headers=headers)  # without a signature (it has no secret)
+        log.append(status)
+        assert reply["__type"] == "MissingAuthenticationTokenException"
+    log.append(post(port, "/rekognition/ResetQueryCounts", b"{}", headers={"Content-Type": "application/json"})[0])
 
 
 def test_a_run_with_an_attacker_on_its_port_keeps_its_numbers_and_records_the_refusals(
@@ -289,7 +327,7 @@ def test_a_run_with_an_attacker_on_its_port_keeps_its_numbers_and_records_the_re
     service = next(r for r in summary if r["recognizer"] == "rekognition")
     assert direct["protection_rate"] >= 0.8  # pgd on SFace: 1.0 here
     assert service["protection_rate"] == direct["protection_rate"]  # the attack changed nothing (before: 0.0)
-    assert set(statuses) == {401}  # every attacker request was refused
+    assert set(statuses) == {400, 401}  # every attacker request was refused (400: Rekognition's route, 401: admin)
     assert service["status"] == "ok" and f"refused {len(statuses)} request" in service["note"]
     with ResultsStore.in_folder(tmp_path / "run") as store:
         assert list(store.refused_requests().values()) == [len(statuses)]
@@ -317,7 +355,7 @@ def test_the_runs_own_client_is_never_refused(recognizer: Recognizer, photos: li
                 api.add_face(GALLERY, api.create_person(GALLERY, "a"), photos[0][0])
                 api.train(GALLERY)
                 assert len(api.identify(GALLERY, [photos[1][0]], confidence_threshold=0.0)[0]) == 1
-            assert opened.refused_requests() == 0 and opened.service.query_counts() == api.query_counts()
+            assert opened.refused_requests() == 0 and opened.counts() == api.query_counts()
 
 
 # ------------------------------------------------------------------------------ item 13: malformed requests
@@ -325,20 +363,31 @@ def test_the_runs_own_client_is_never_refused(recognizer: Recognizer, photos: li
 
 def assert_400(status: int, reply: dict[str, Any], words: str) -> None:
     assert status == 400, (status, reply)
-    assert reply["__type"] == "InvalidParameterException" and words in reply["message"], reply
+    message = reply.get("Message", reply.get("message"))  # Rekognition's route says Message, the others message
+    assert reply["__type"] == "InvalidParameterException" and words in message, reply
+
+
+def signed_head(server: ServiceServer, length: bytes) -> bytes:
+    """The head of a signed ListCollections request for the body ``{}`` with this Content-Length (not signed)."""
+    headers = signed(server, "ListCollections", b"{}")
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    port = server.address[1]
+    return f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{lines}Content-Length: ".encode() + length
 
 
 def test_deeply_nested_json_is_a_400(server: ServiceServer) -> None:
     port = server.address[1]
     for body in (b"[" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
-        assert_400(*post(port, "/rekognition/SearchFacesByImage", body, headers=auth(server)), "nests too deeply")
+        headers = signed(server, "SearchFacesByImage", body)
+        assert_400(*post(port, "/", body, headers=headers), "nests too deeply")
+        assert_400(*post(port, "/face/Identify", body, headers=auth(server)), "nests too deeply")
 
 
 def test_a_huge_integer_is_a_400(server: ServiceServer) -> None:
     port = server.address[1]
     for digits in (5001, 4301):
         body = b'{"CollectionId": "gallery", "MaxFaces": -' + b"7" * digits + b"}"
-        status, reply = post(port, "/rekognition/SearchFacesByImage", body, headers=auth(server))
+        status, reply = post(port, "/", body, headers=signed(server, "SearchFacesByImage", body))
         assert_400(status, reply, f"request body has an integer of {digits} digits (at most 4300)")
 
 
@@ -352,26 +401,15 @@ def test_a_content_length_that_is_not_ascii_digits_is_a_400(server: ServiceServe
     """http.server reads header bytes as Latin-1: b"\\xb2" arrives as '²', which str.isdigit() accepts and int()
     refuses (a 500 before); UTF-8 digits arrive as other Latin-1 characters."""
     port = server.address[1]
-    request = (
-        (
-            f"POST /rekognition/ListCollections HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {server.secret}\r\nContent-Type: application/json\r\nContent-Length: "
-        ).encode()
-        + length
-        + b"\r\nConnection: close\r\n\r\n{}"
-    )
+    request = signed_head(server, length) + b"\r\nConnection: close\r\n\r\n{}"
     assert_400(*raw(port, request), "Content-Length")
 
 
 def test_a_body_shorter_than_its_content_length_is_a_400(server: ServiceServer) -> None:
     port = server.address[1]
-    request = (
-        f"POST /rekognition/ListCollections HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Authorization: Bearer {server.secret}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: 100\r\n\r\n{{}}"
-    ).encode()
+    request = signed_head(server, b"100") + b"\r\n\r\n{}"
     assert_400(*raw(port, request, half_close=True), "shorter than its Content-Length")
-    assert post(port, "/rekognition/ListCollections", b"{}", headers=auth(server))[0] == 200
+    assert post(port, "/", b"{}", headers=signed(server, "ListCollections", b"{}"))[0] == 200
 
 
 def test_a_client_hanging_up_prints_nothing(
@@ -379,10 +417,7 @@ def test_a_client_hanging_up_prints_nothing(
 ) -> None:
     port = server.address[1]
     caplog.set_level(logging.DEBUG, logger="cloakbench.attacks.services.http")
-    head = (
-        f"POST /rekognition/ListCollections HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Authorization: Bearer {server.secret}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
-    ).encode()
+    head = signed_head(server, b"1000") + b"\r\n\r\n{"
     for request in (head, head[:20]):  # hang up in the body, and in the request line
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.sendall(request)
@@ -398,4 +433,4 @@ def test_a_client_hanging_up_prints_nothing(
         time.sleep(0.05)
     assert "Traceback" not in err and "Error" not in err, err
     assert len([r for r in caplog.records if "hung up" in r.getMessage() and r.levelno == logging.DEBUG]) == 2
-    assert post(port, "/rekognition/ListCollections", b"{}", headers=auth(server))[0] == 200
+    assert post(port, "/rekognition/QueryCounts", b"{}", headers=auth(server))[0] == 200

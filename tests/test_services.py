@@ -42,8 +42,10 @@ from cloakbench.attacks.services import (
     identify_top1,
     search_ranks,
     serve,
+    sigv4,
 )
 from cloakbench.attacks.services.base import encode_png, image_to_uint8
+from cloakbench.attacks.services.rekognition_wire import CONTENT_TYPE
 from cloakbench.images import load_image, stack_images
 
 IDENTITIES, ENROL, PROBES = 5, 8, 4
@@ -110,6 +112,23 @@ def raw_request(
     try:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {endpoint.secret}"}
         conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def aws_request(endpoint: ServiceEndpoint, action: str, body: bytes) -> tuple[int, dict[str, str], Any]:
+    """One request in Amazon Rekognition's JSON protocol, signed with the server's secret (SigV4)."""
+    headers = sigv4.sign(
+        "POST", endpoint.url + "/", {"Content-Type": CONTENT_TYPE, "X-Amz-Target": f"RekognitionService.{action}"},
+        body, access_key_id=endpoint.access_key_id, secret=endpoint.secret, region=endpoint.region,
+        service="rekognition",
+    )  # fmt: skip
+    host, port = endpoint.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), json.loads(resp.read())
     finally:
@@ -222,7 +241,10 @@ def test_index_list_and_delete_faces(recognizer: Recognizer, faces: Faces) -> No
     ids = [service.index_faces("c", img, name) for img, name in faces.enrol[:3]]
     assert len(set(ids)) == 3
     assert service.list_faces("c") == [Face(i, n) for i, (_, n) in zip(ids, faces.enrol[:3], strict=True)]
-    assert service.delete_faces("c", [ids[0], "no-such-face"]) == [ids[0]]
+    unknown = "00000000-0000-4000-8000-000000000000"  # a well-formed face id nobody has
+    assert service.delete_faces("c", [ids[0], unknown]) == [ids[0]]
+    with pytest.raises(InvalidParameterError, match="not a valid id"):
+        service.delete_faces("c", ["no-such-face"])  # face ids are UUIDs, as Rekognition's
     matches = service.search_faces_by_image("c", faces.enrol[0][0], face_match_threshold=0.0)
     assert ids[0] not in {m.face_id for m in matches} and len(matches) == 2
 
@@ -296,8 +318,9 @@ def test_rate_limit_raises_throttling_with_an_injected_clock(recognizer: Recogni
         with pytest.raises(ThrottlingError, match="rate limit") as info:
             client.list_collections()  # the bucket is still empty: the fake clock has not moved
         assert info.value.retry_after_s == pytest.approx(0.5)
-        status, headers, body = raw_request(base_url, "POST", "/rekognition/ListCollections", b"{}")
-        assert status == 429 and body["__type"] == "ThrottlingException" and "Retry-After" in headers
+        status, headers, body = aws_request(base_url, "ListCollections", b"{}")
+        assert status == 400 and body["__type"] == "ProvisionedThroughputExceededException"  # Rekognition's TPS error
+        assert "Retry-After" in headers
         clock.now += 0.5
         assert client.list_collections() == []
 
@@ -399,10 +422,11 @@ def test_unknown_resources_raise_resource_not_found_in_process_and_over_http(
     assert "collection 'no-such-collection' does not exist" in messages[0][0]
     assert "person 'no-such-person' does not exist" in messages[2][1]
     body = json.dumps({"CollectionId": "nope", "Image": {"Bytes": b64_png(probe)}}).encode()
-    status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", body)
-    assert status == 404 and reply["__type"] == "ResourceNotFoundException"
-    status, _, reply = raw_request(url, "POST", "/rekognition/NoSuchAction", b"{}")
-    assert status == 404 and reply["__type"] == "UnknownOperationException"
+    status, _, reply = aws_request(url, "SearchFacesByImage", body)
+    assert status == 400 and reply["__type"] == "ResourceNotFoundException"  # Rekognition's errors are all 400s
+    assert reply["Message"] == "collection 'nope' does not exist"
+    status, _, reply = aws_request(url, "NoSuchAction", b"{}")
+    assert status == 400 and reply["__type"] == "UnknownOperationException"
 
 
 def _jpeg(image: torch.Tensor) -> bytes:
@@ -459,13 +483,13 @@ def test_bad_arguments_are_invalid_parameter_in_process_and_over_http(
 
 
 def test_malformed_requests_get_400(url: ServiceEndpoint) -> None:
-    status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", b"{not json")
-    assert status == 400 and reply["__type"] == "InvalidParameterException" and "not valid JSON" in reply["message"]
-    status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", b'{"CollectionId": "gallery"}')
-    assert status == 400 and "missing required field 'Image'" in reply["message"]
+    status, _, reply = aws_request(url, "SearchFacesByImage", b"{not json")
+    assert status == 400 and reply["__type"] == "InvalidParameterException" and "not valid JSON" in reply["Message"]
+    status, _, reply = aws_request(url, "SearchFacesByImage", b'{"CollectionId": "gallery"}')
+    assert status == 400 and "missing required field 'Image'" in reply["Message"]
     body = json.dumps({"CollectionId": GALLERY, "Image": {"Bytes": "%%%"}}).encode()
-    status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", body)
-    assert status == 400 and "Image.Bytes: not valid base64" in reply["message"]
+    status, _, reply = aws_request(url, "SearchFacesByImage", body)
+    assert status == 400 and "Image.Bytes: not valid base64" in reply["Message"]
 
 
 # ------------------------------------------------------------------------------------ server, black box
@@ -535,9 +559,11 @@ def test_no_gradient_path_and_no_embedding_leaves_the_service(
     body = json.dumps(
         {"CollectionId": GALLERY, "Image": {"Bytes": b64_png(probe.detach())}, "MaxFaces": 100, "FaceMatchThreshold": 0}
     )
-    status, _, reply = raw_request(url, "POST", "/rekognition/SearchFacesByImage", body.encode())
+    status, _, reply = aws_request(url, "SearchFacesByImage", body.encode())
     assert status == 200 and len(reply["FaceMatches"]) == len(faces.enrol)
-    assert set(reply) == {"FaceMatches"} and all(set(m) == {"Similarity", "Face"} for m in reply["FaceMatches"])
+    assert set(reply) == {"SearchedFaceBoundingBox", "FaceMatches", "FaceModelVersion"}
+    assert all(set(m) == {"Similarity", "Face"} for m in reply["FaceMatches"])
+    assert all(set(m["Face"]) == {"FaceId", "BoundingBox", "ExternalImageId"} for m in reply["FaceMatches"])
     for leaf in _leaves(reply):
         if isinstance(leaf, list):
             assert not any(isinstance(v, float) for v in leaf)

@@ -84,6 +84,10 @@ class _RayWorker:
         # Ray gives an actor one intra-op thread per CPU it reserved; the driver's count makes CPU reductions
         # (conv, matmul) sum in the same order as an in-process run, so the rows are the same to the bit
         torch.set_num_threads(threads)
+        if suite.plugins:  # a suite's plug-ins register names in this process too (installed ones load on their own)
+            from cloakbench.plugins import load_plugins
+
+            load_plugins(list(suite.plugins))
         self.worker = CellWorker(suite, cache=ArtifactCache(Path(cache_dir), enabled=cache_enabled))
 
     def run(self, task: Task) -> TaskResult:

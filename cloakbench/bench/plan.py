@@ -51,10 +51,13 @@ def _is_adaptation(name: str) -> bool:
     return name in ADAPTATIONS
 
 
-def _white_box(recognizer: str) -> bool:
+def _white_box(recognizer: str, suite: Suite) -> bool:
     """Whether an adaptation can retrain the recognizer (a black box gets skipped cells, without a softmax head)."""
     from cloakbench.attacks.recognizers import RECOGNIZERS
 
+    for model in suite.models:  # a model from a file: TorchScript is a white box, ONNX a black one
+        if model.name == recognizer:
+            return model.white_box
     return "white-box" in RECOGNIZERS.get(recognizer).meta.tags
 
 
@@ -85,7 +88,7 @@ def cells_of(suite: Suite, task: Task) -> int:
     trackers += 1 if Protocol.EVASION in suite.protocols else 0
     trackers += 1 if Protocol.PROBE_CLOAKING in suite.protocols else 0
     cm = next(c for c in suite.countermeasures if c.label == task.countermeasure)
-    if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols and _white_box(task.subject):
+    if _is_adaptation(cm.name) and Protocol.POISONING in suite.protocols and _white_box(task.subject, suite):
         from cloakbench.attacks.adaptation import ADAPTATIONS
 
         if ADAPTATIONS.get(cm.name).create(**dict(cm.params)).training_data.end_to_end:

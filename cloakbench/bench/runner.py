@@ -30,7 +30,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import torch
 
 from cloakbench.attacks.adaptation import ADAPTATIONS, FileCheckpoints
 from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer, TorchRecognizer
+from cloakbench.attacks.recognizers.from_file import FileModel, load_file_model
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
 from cloakbench.bench.classifiers import CLASSIFIERS
@@ -65,7 +66,9 @@ from cloakbench.datasets import (
     scan_folder,
     split_per_identity,
 )
+from cloakbench.datasets.sources import SourcePhoto, source_photos
 from cloakbench.defenses import DEFENSES, CloakFailure, Defense, cloak_failures, quality_report
+from cloakbench.defenses.precomputed import PrecomputedCloaks
 from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
 from cloakbench.errors import ConfigError, DatasetError
@@ -107,6 +110,7 @@ class PreparedData:
     train: dict[str, np.ndarray]  # identity -> indices into images
     query: dict[str, np.ndarray]
     protected: tuple[str, ...]
+    sources: Mapping[str, SourcePhoto] = field(default_factory=dict)  # image id -> its file (defenses reading files)
 
     @property
     def all_train(self) -> np.ndarray:
@@ -206,7 +210,16 @@ def split_layout(
     return train, query, choose_protected(suite, manifest, eligible)
 
 
-def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
+def photo_sources(suite: Suite, manifest: Manifest, alignment: dict[str, Any] | None) -> dict[str, SourcePhoto]:
+    """Each evaluated photo's file in the suite's dataset folder (and the landmarks that aligned it); none for the
+    demo set, whose photos are no folder the suite names."""
+    if suite.dataset.source is not DatasetSource.FOLDER or suite.dataset.path is None:
+        return {}
+    photos = alignment["photos"] if alignment is not None else None
+    return source_photos(manifest, root=suite.dataset.path, alignment_photos=photos)
+
+
+def prepare_data(suite: Suite, manifest: Manifest, sources: Mapping[str, SourcePhoto] | None = None) -> PreparedData:
     splits = split_per_identity(manifest, train_fraction=suite.dataset.train_fraction, seed=suite.dataset.split_seed)
     images = load_images(manifest.records)
     labels = tuple(r.identity for r in manifest.records)
@@ -220,6 +233,7 @@ def prepare_data(suite: Suite, manifest: Manifest) -> PreparedData:
         train={k: np.array(v, dtype=np.int64) for k, v in train.items()},
         query={k: np.array(v, dtype=np.int64) for k, v in query.items()},
         protected=protected,
+        sources=dict(sources or {}),
     )
 
 
@@ -230,13 +244,14 @@ def derive_seed(*parts: Any) -> int:
 class ModelPool:
     """Builds each recognizer once per worker, on the device where it can run (else it stays on the CPU)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, files: Sequence[FileModel] = ()) -> None:
         self.device = device
         self._cache: dict[str, Recognizer] = {}
+        self._files = {m.name: m for m in files}  # the suite's models from a file, by name
 
     def get(self, name: str) -> Recognizer:
         if name not in self._cache:
-            rec = RECOGNIZERS.create(name)
+            rec = load_file_model(self._files[name]) if name in self._files else RECOGNIZERS.create(name)
             try:
                 rec = rec.to(self.device)
             except ValueError:
@@ -272,6 +287,7 @@ class _Cloaks:
     # enrollment photos (uint8 [n, H, W, 3]), and their cache keys
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     probe_key: dict[str, str] = field(default_factory=dict)
+    note: str = ""  # how many photos a defense that reads files cloaked (added to every row's note)
 
 
 def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: ModelPool) -> Any:
@@ -282,6 +298,8 @@ def make_defense(spec: DefenseSpec, data: PreparedData, seed: int, models: Model
     extra: dict[str, Any] = {}
     if "public" in DEFENSES.get(spec.name).runtime_args:
         extra["public"] = dataset_target_pool(data)
+    if "sources" in DEFENSES.get(spec.name).runtime_args:  # precomputed: the files behind the evaluated photos
+        extra["sources"] = data.sources
     return DEFENSES.create(spec.name, surrogates=surrogates, name=spec.label, **extra, **dict(spec.params))
 
 
@@ -307,6 +325,7 @@ def cloak_all(
     probes: dict[str, np.ndarray] = {}
     probe_keys: dict[str, str] = {}
     failures: list[str] = []
+    cloaked_photos, left_clean = 0, []  # photos a defense that reads files cloaked, and those it left clean
     want_probes = Protocol.PROBE_CLOAKING in suite.protocols and not per_identity
     want_probes = want_probes and set(identities) <= set(data.protected)
     for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
@@ -319,21 +338,27 @@ def cloak_all(
         keys[ident] = stable_hash(key_parts, length=24)
         measured: list[float] = []
 
+        ids = _ids(data, idx)
+
         def compute(
-            originals: torch.Tensor = originals, ident: str = ident, measured: list[float] = measured
-        ) -> np.ndarray:
+            originals: torch.Tensor = originals, ident: str = ident, measured: list[float] = measured,
+            ids: tuple[str, ...] = ids,
+        ) -> np.ndarray:  # fmt: skip
             generator = torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict()))
             start = time.perf_counter()
             with clock.stage("cloaking") if clock else contextlib.nullcontext():
-                cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator)
+                cloaked = defense.protect(originals, [ident] * originals.shape[0], generator=generator, photo_ids=ids)
             measured.append(time.perf_counter() - start)
             return png_round_trip(to_uint8(cloaked))
 
         arr, problem = cache.get_verified(
-            "cloaks", key_parts, compute, functools.partial(cloak_problem, defense, originals, _ids(data, idx))
+            "cloaks", key_parts, compute, functools.partial(cloak_problem, defense, originals, ids)
         )
         if problem is not None:
             failures.append(f"{ident}: {problem}")
+        left = defense.uncloaked(ids) if problem is None else {}  # on purpose (precomputed: allowed missing files)
+        cloaked_photos += len(ids) - len(left)
+        left_clean += [f"{i} ({why})" for i, why in left.items()]
         cost = cache.get_or_compute("cloak_seconds", key_parts, functools.partial(_seconds_array, measured))
         if math.isfinite(float(cost[0])):
             seconds += float(cost[0])
@@ -358,6 +383,8 @@ def cloak_all(
             continue
         q = quality_report(originals, from_uint8(arr))
         for j, i in enumerate(idx):
+            if ids[j] in left:  # no cloak, no budget: the rows count the photos that were cloaked
+                continue
             quality_rows.append(
                 {
                     "seed": seed,
@@ -369,10 +396,22 @@ def cloak_all(
             )
     if failures:
         raise CloakFailure(f"defense {spec.label!r} made no cloak of some photos: {' | '.join(failures)}")
+    note = ""
+    if defense.needs_photo_ids or left_clean:
+        total = cloaked_photos + len(left_clean)
+        note = f"{spec.label}: {cloaked_photos} of {total} enrollment photo(s) cloaked"
+        if left_clean:
+            more = f"; and {len(left_clean) - MAX_LISTED} more" if len(left_clean) > MAX_LISTED else ""
+            note += f"; left clean: {'; '.join(left_clean[:MAX_LISTED])}{more}"
+    if quality_rows is not None and clock is not None:  # once per cloaking task
+        reports = defense.file_report() if isinstance(defense, PrecomputedCloaks) else []
+        for line in ([note] if note else []) + reports:
+            log.log(logging.WARNING if line in reports or left_clean else logging.INFO, "%s", line)
+            clock.events.append({"kind": "cloak-inputs", "detail": line})
     used = frozenset(getattr(s, "base", s).weights_id for s in defense.surrogates)  # an EOT wrapper's base model
     return _Cloaks(
         images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used,
-        probes=probes, probe_key=probe_keys,
+        probes=probes, probe_key=probe_keys, note=note,
     )  # fmt: skip
 
 
@@ -398,6 +437,10 @@ def cloak_problem(defense: Defense, originals: torch.Tensor, image_ids: Sequence
     over = defense.budget.violations(originals, cloaked)
     if over:
         return f"outside the budget {defense.budget.describe()}: {'; '.join(over)}"
+    left = defense.uncloaked(image_ids)  # left clean on purpose: no cloak to check
+    keep = [j for j, i in enumerate(image_ids) if i not in left]
+    if len(keep) < n:
+        originals, cloaked, image_ids = originals[keep], cloaked[keep], tuple(image_ids[j] for j in keep)
     bad = [f"{image_ids[j]}: {why}" for j, why in enumerate(cloak_failures(defense, originals, cloaked)) if why]
     if not bad:
         return None
@@ -513,9 +556,9 @@ class CellWorker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         t0 = time.perf_counter()
         self.manifest, self.alignment = load_suite_data(suite)
-        self.data = prepare_data(suite, self.manifest)
+        self.data = prepare_data(suite, self.manifest, photo_sources(suite, self.manifest, self.alignment))
         self.data_seconds = time.perf_counter() - t0
-        self.models = ModelPool(self.device)
+        self.models = ModelPool(self.device, suite.models)
         self._cloaks: tuple[int, dict[str, _Cloaks]] | None = None
 
     def run(self, task: Task) -> TaskResult:
@@ -993,6 +1036,8 @@ def _evaluate(
                 summary.append({**cell, "status": "failed", "note": _error_text(exc)})
                 continue
             row, q_rows = _cell_rows(suite, data, cell, outcomes, clean_all_acc, cl.seconds_per_image)
+            if cl.note:  # a defense that reads files: how many photos it cloaked
+                row["note"] = f"{row['note']}; {cl.note}" if row["note"] else cl.note
             summary.append(row)
             rows.extend(q_rows)
     if isinstance(provider, Retrained):

@@ -13,18 +13,29 @@ alphabet, and names are data. Calls go through :class:`~cloakbench.attacks.servi
 ``PersonGroupAPI`` only, so the in-process service and the HTTP client are interchangeable.
 
 Over HTTP the server is started here and its client built here, in this process, with the server's random
-secret: nothing else can change the gallery or the counts. Requests the server refused (no secret, a foreign
-Host, not JSON: another local process or a web page found the port) changed nothing, but a run must say that
-someone tried: their count is stored with the query counts (operation ``refused_requests``), noted on the
-task's cells and logged as a warning.
+secret: nothing else can change the gallery or the counts. Requests the server refused (no secret or a bad
+signature, a foreign Host, a wrong content type: another local process or a web page found the port) changed
+nothing, but a run must say that someone tried: their count is stored with the query counts (operation
+``refused_requests``), noted on the task's cells and logged as a warning.
+
+``transport: aws`` goes through boto3 (:class:`~cloakbench.attacks.services.aws.AwsCollection`): to the real
+Amazon Rekognition (credentials from the AWS chain; its own model, so ``backend`` plays no part and every
+cell is oblivious), or with ``endpoint: local`` to cloakbench's wire-compatible server backed by ``backend``,
+with that server's per-run secret as credentials, which runs the very code path the real service gets. The
+collection is named ``<collection_prefix><12 random hex digits>`` and deleted when the task ends, however it
+ends; one that could not be deleted is logged and noted on the cells (it holds the tracker's photos). An image
+in which Amazon Rekognition finds no face is not enrolled (or, as a probe, identifies no one), and counted
+(``NoFaceIndexed``, ``NoFaceInProbe``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,11 +52,22 @@ from cloakbench.attacks.services import (
     RateLimit,
     ServiceServer,
 )
-from cloakbench.attacks.services.base import IDENTIFY_MAX_IMAGES
+from cloakbench.attacks.services.aws import AwsCollection, AwsCredentials
+from cloakbench.attacks.services.base import IDENTIFY_MAX_IMAGES, NoFaceError
+from cloakbench.attacks.services.http import DEFAULT_REGION
 from cloakbench.attacks.transforms import TRANSFORMS
 from cloakbench.bench.metrics import topk_correct
 from cloakbench.bench.store import REFUSED_REQUESTS
-from cloakbench.bench.suite import ApplyTo, CountermeasureSpec, Protocol, ServiceKind, ServiceSpec, Suite, Transport
+from cloakbench.bench.suite import (
+    DEFAULT_COLLECTION_PREFIX,
+    ApplyTo,
+    CountermeasureSpec,
+    Protocol,
+    ServiceKind,
+    ServiceSpec,
+    Suite,
+    Transport,
+)
 from cloakbench.images import from_uint8
 
 if TYPE_CHECKING:
@@ -59,12 +81,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OpenService:
-    """A service opened for one task: the API the tracker calls (HTTP client or the service itself), the
-    service, and its HTTP server (``None`` in-process)."""
+    """A service opened for one task: the API the tracker calls (HTTP client, boto3 adapter or the service
+    itself), where its query counts come from, its HTTP server (``None`` in-process and on AWS), the collection
+    (or person group) id to use, and the collections that could not be deleted when it closed."""
 
     api: Any
-    service: FaceCollection | PersonGroupService
+    counts: Callable[[], dict[str, int]]
     server: ServiceServer | None = None
+    collection_id: str = COLLECTION
+    leftovers: list[str] = field(default_factory=list)
 
     def refusals(self) -> dict[str, int]:
         """Requests the server refused so far, by reason (empty in-process: there is no server)."""
@@ -76,24 +101,50 @@ class OpenService:
 
 @contextlib.contextmanager
 def open_service(spec: ServiceSpec, backend: Recognizer) -> Iterator[OpenService]:
-    """The service of ``spec``; over HTTP, served on 127.0.0.1 (with a fresh secret) while the block runs."""
+    """The service of ``spec``; over HTTP (and ``transport: aws`` with ``endpoint: local``), served on
+    127.0.0.1 with a fresh secret while the block runs; on AWS, its collections deleted when the block ends."""
     limit = RateLimit(per_s=spec.rate_limit_per_s, burst=1, on_exceed="block") if spec.rate_limit_per_s else None
+    if spec.real_aws:
+        aws = AwsCollection(region=spec.region, rate_limit=limit)
+        opened = OpenService(aws, aws.query_counts, collection_id=_collection_id(spec))
+        try:
+            yield opened
+        finally:
+            opened.leftovers.extend(aws.close())
+        return
     service: FaceCollection | PersonGroupService = (
         FaceCollection(backend, rate_limit=limit)
         if spec.kind is ServiceKind.REKOGNITION
         else PersonGroupService(backend, rate_limit=limit)
     )
     if spec.transport is Transport.IN_PROCESS:
-        yield OpenService(service, service)
+        yield OpenService(service, service.query_counts)
         return
-    server = ServiceServer(service)
+    server = ServiceServer(service, region=spec.region or DEFAULT_REGION)
     server.start()
     try:
         endpoint = server.endpoint  # the secret goes from server to client here, in this process only
+        if spec.transport is Transport.AWS:  # endpoint local: boto3 against our server, its secret as the keys
+            local = AwsCollection(
+                region=endpoint.region,
+                endpoint_url=endpoint.url,
+                credentials=AwsCredentials(endpoint.access_key_id, endpoint.secret),
+            )
+            opened = OpenService(local, local.query_counts, server, _collection_id(spec))
+            try:
+                yield opened
+            finally:
+                opened.leftovers.extend(local.close())
+            return
         client = CollectionClient(endpoint) if spec.kind is ServiceKind.REKOGNITION else PersonGroupClient(endpoint)
-        yield OpenService(client, service, server)
+        yield OpenService(client, service.query_counts, server)
     finally:
         server.stop()
+
+
+def _collection_id(spec: ServiceSpec) -> str:
+    """A fresh collection id for an AWS task (random: not a result, and two runs must not share one)."""
+    return f"{spec.collection_prefix or DEFAULT_COLLECTION_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 def refusal_note(refusals: dict[str, int]) -> str:
@@ -112,39 +163,57 @@ def refusal_note(refusals: dict[str, int]) -> str:
 class _Gallery:
     """The tracker's enrolled faces in a service, by identity, with swap-in/swap-out of one identity."""
 
-    def __init__(self, spec: ServiceSpec, api: Any, aliases: dict[str, str]) -> None:
+    def __init__(self, spec: ServiceSpec, api: Any, aliases: dict[str, str], collection: str) -> None:
         self.spec = spec
         self.api = api
         self.aliases = aliases
+        self.collection = collection
         self.names = {a: ident for ident, a in aliases.items()}
         self.faces: dict[str, list[str]] = {}  # rekognition face ids, or [person id] for azure
+        self.no_face: Counter[str] = Counter()  # images a real service found no face in (NoFaceIndexed, ...)
         if spec.kind is ServiceKind.REKOGNITION:
-            api.create_collection(COLLECTION)
+            api.create_collection(collection)
         else:
-            api.create_person_group(COLLECTION)
+            api.create_person_group(collection)
 
     def enrol(self, ident: str, images: torch.Tensor) -> None:
         if self.spec.kind is ServiceKind.REKOGNITION:
             api: CollectionAPI = self.api
-            self.faces[ident] = [
-                api.index_faces(COLLECTION, images[i : i + 1], self.aliases[ident]) for i in range(images.shape[0])
-            ]
+            ids = []
+            for i in range(images.shape[0]):
+                try:
+                    ids.append(api.index_faces(self.collection, images[i : i + 1], self.aliases[ident]))
+                except NoFaceError:  # only a real service raises it: the photo is simply not in the gallery
+                    self.no_face["NoFaceIndexed"] += 1
+            self.faces[ident] = ids
             return
         group: PersonGroupAPI = self.api
-        person = group.create_person(COLLECTION, self.aliases[ident])
+        person = group.create_person(self.collection, self.aliases[ident])
         for i in range(images.shape[0]):
-            group.add_face(COLLECTION, person, images[i : i + 1])
+            group.add_face(self.collection, person, images[i : i + 1])
         self.faces[ident] = [person]
 
     def remove(self, ident: str) -> None:
         if self.spec.kind is ServiceKind.REKOGNITION:
-            self.api.delete_faces(COLLECTION, self.faces.pop(ident))
+            ids = self.faces.pop(ident)
+            if ids:
+                self.api.delete_faces(self.collection, ids)
         else:
-            self.api.delete_person(COLLECTION, self.faces.pop(ident)[0])
+            self.api.delete_person(self.collection, self.faces.pop(ident)[0])
 
     def ready(self) -> None:
         if self.spec.kind is ServiceKind.AZURE:
-            self.api.train(COLLECTION)
+            self.api.train(self.collection)
+
+    def _matches(self, image: torch.Tensor) -> list[Any]:
+        try:
+            matches: list[Any] = self.api.search_faces_by_image(
+                self.collection, image, max_faces=self.spec.max_faces, face_match_threshold=self.spec.match_threshold
+            )
+        except NoFaceError:  # only a real service raises it: the tracker identifies no one
+            self.no_face["NoFaceInProbe"] += 1
+            return []
+        return matches
 
     def search(self, images: torch.Tensor, truth: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         """Per probe: identity-level rank, face-level (evasion) rank, predicted identity, true similarity."""
@@ -156,10 +225,7 @@ class _Gallery:
         miss = self.spec.max_faces + 1
         if self.spec.kind is ServiceKind.REKOGNITION:
             for i in range(n):
-                matches = self.api.search_faces_by_image(
-                    COLLECTION, images[i : i + 1], max_faces=self.spec.max_faces,
-                    face_match_threshold=self.spec.match_threshold,
-                )  # fmt: skip
+                matches = self._matches(images[i : i + 1])
                 order = [self.names[m.external_image_id] for m in matches]
                 distinct = list(dict.fromkeys(order))
                 preds.append(order[0] if order else "")
@@ -173,7 +239,7 @@ class _Gallery:
         for start in range(0, n, IDENTIFY_MAX_IMAGES):
             batch = [images[i : i + 1] for i in range(start, min(n, start + IDENTIFY_MAX_IMAGES))]
             answers = self.api.identify(
-                COLLECTION,
+                self.collection,
                 batch,
                 max_candidates=self.spec.max_faces,
                 confidence_threshold=self.spec.match_threshold / 100,
@@ -214,8 +280,7 @@ def evaluate_service(
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     with open_service(spec, backend) as opened:
-        service = opened.service
-        gallery = _Gallery(spec, opened.api, aliases)
+        gallery = _Gallery(spec, opened.api, aliases, opened.collection_id)
         for ident in identities:
             gallery.enrol(ident, enrol_images[ident])
         gallery.ready()
@@ -230,7 +295,8 @@ def evaluate_service(
             cells = {
                 p: {"seed": seed, "protocol": p.value, "defense": d.label, "recognizer": spec.label,
                     "countermeasure": cm.label, "classifier": SERVICE_TRACKERS[p],
-                    "oblivious": cl.surrogate_weights is not None and backend.weights_id not in cl.surrogate_weights}
+                    "oblivious": cl.surrogate_weights is not None
+                    and (spec.real_aws or backend.weights_id not in cl.surrogate_weights)}
                 for p in protocols
             }  # fmt: skip
             if cl.error is not None:
@@ -263,7 +329,16 @@ def evaluate_service(
                 row, q_rows = _cell_rows(suite, data, cells[p], outcomes[p], clean_all, cl.seconds_per_image)
                 summary.append(row)
                 rows.extend(q_rows)
-        counts = dict(service.query_counts())
+    counts = dict(opened.counts())  # read once the service closed: the AWS adapter's collection deletion counts too
+    counts.update(gallery.no_face)
+    if opened.leftovers:  # the photos are still in the account: say so on every cell, loudly
+        where = f"region {opened.api.region}" if spec.real_aws else "the local server"
+        note = (
+            f"Amazon Rekognition collection(s) {', '.join(opened.leftovers)} in {where} could not be deleted and "
+            "still hold the tracker's photos: delete them with aws rekognition delete-collection"
+        )
+        log.error("service %s, countermeasure %s, seed %d: %s", spec.label, cm.label, seed, note)
+        summary = [{**r, "note": f"{r['note']}\n{note}" if r.get("note") else note} for r in summary]
     if opened.server is not None:  # read once the server has stopped: every refusal it answered is counted
         refusals = opened.refusals()
         counts[REFUSED_REQUESTS] = sum(refusals.values())

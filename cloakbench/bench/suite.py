@@ -24,10 +24,13 @@ Schema (all keys optional unless marked)::
     defenses:                        # required, >= 1
       - {name: pgd, label: pgd-8, surrogates: [sface], params: {epsilon: 0.0314, steps: 10},
          robust: {transforms: [none, {name: jpeg, params: {quality: 75}}]}}   # optional: EOT through twins
-    recognizers: [sface, sface-onnx] # required, >= 1
+    recognizers: [sface, sface-onnx] # required, >= 1; a mapping is a model from a file (also as a surrogate,
+                                     # a backend, or in 'models'): {name: my-model, onnx | torchscript: FILE,
+                                     # input: {size: 112, colour: rgb, mean: [...], std: [...], scale: 1, layout: nchw}}
     services:                        # commercial-style black boxes (default: none)
-      - {kind: rekognition | azure, backend: sface, transport: http | in-process, max_faces: 50,
-         match_threshold: 0, rate_limit_per_s: null}
+      - {kind: rekognition | azure, backend: sface, transport: http | in-process | aws, max_faces: 50,
+         match_threshold: 0, rate_limit_per_s: null,
+         region: null, collection_prefix: cloakbench-, endpoint: aws | local}   # the last three: transport aws
     countermeasures:                 # default: [{name: none}]; input transforms and model adaptations
       - {name: jpeg, label: jpeg-75, params: {quality: 75}, apply_to: enrollment | queries | both}
       - {name: adaptive, params: {epochs: 5}}   # end-to-end | adaptive | adversarial (+ -full for GPUs)
@@ -40,12 +43,16 @@ Schema (all keys optional unless marked)::
     oblivious_only: false            # true: evaluate each defense only with recognizers that were not its
                                      # surrogates (different weights); every row says whether it was oblivious
     bootstrap: {resamples: 1000, confidence: 0.95}
+    plugins: [my_cloak.py, my_pkg.cloaks]   # plug-in files (relative to the suite file) and modules, imported before
+                                     # any name is checked; they run code (docs/plugins.md). Recorded with the SHA-256
+                                     # of their source, so a run does not resume after the plug-in changed
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import math
 import re
 import unicodedata
@@ -56,9 +63,11 @@ from typing import Any, Literal
 
 import yaml
 
+from cloakbench.attacks.recognizers.from_file import FileModel, is_file_model, parse_file_model
 from cloakbench.config import INT_MAX, build, quote, require, to_plain
 from cloakbench.defenses.robust import RobustConfig, parse_robust
 from cloakbench.errors import ConfigError, RegistryError
+from cloakbench.plugins import PluginRef, load_plugins
 
 
 class DatasetSource(enum.Enum):
@@ -157,6 +166,12 @@ class ServiceKind(enum.Enum):
 class Transport(enum.Enum):
     IN_PROCESS = "in-process"
     HTTP = "http"  # a real server on 127.0.0.1, called over HTTP
+    AWS = "aws"  # Amazon Rekognition through boto3 (endpoint 'local': boto3 against cloakbench's own server)
+
+
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+_COLLECTION_PREFIX = re.compile(r"[a-zA-Z0-9_.\-]{1,200}")
+DEFAULT_COLLECTION_PREFIX = "cloakbench-"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +185,35 @@ class ServiceSpec:
     max_faces: int = 50  # matches (rekognition) or candidates (azure) asked for; evasion ranks beyond it are misses
     match_threshold: float = 0.0  # similarity 0..100 below which a match is dropped (0: pure ranking)
     rate_limit_per_s: float | None = None  # requests per second; calls wait for the service (token bucket)
+    region: str | None = None  # transport aws: the AWS region (null: the AWS configuration's)
+    collection_prefix: str | None = None  # transport aws: collections are <prefix><12 hex digits>, deleted afterwards
+    endpoint: Literal["aws", "local"] | None = None  # transport aws: 'aws' (default) the real Amazon Rekognition;
+    # 'local': boto3 against cloakbench's wire-compatible server backed by `backend` (its per-run secret as keys)
 
     def __post_init__(self) -> None:
+        aws = self.transport is Transport.AWS
+        require(
+            not aws or self.kind is ServiceKind.REKOGNITION,
+            "transport 'aws' is Amazon Rekognition: it needs kind 'rekognition'",
+        )
+        for name in ("region", "collection_prefix", "endpoint"):
+            require(
+                aws or getattr(self, name) is None,
+                f"{name} applies only to transport 'aws' (this service's transport is {self.transport.value!r})",
+            )
+        require(
+            self.region is None or _AWS_REGION.fullmatch(self.region) is not None,
+            f"region must be an AWS region name such as 'us-east-1', got {quote(self.region)}",
+        )
+        require(
+            self.collection_prefix is None or _COLLECTION_PREFIX.fullmatch(self.collection_prefix) is not None,
+            "collection_prefix must be 1 to 200 characters from [a-zA-Z0-9_.-] (a Rekognition collection id "
+            f"starts with it), got {quote(self.collection_prefix)}",
+        )
+        require(
+            not aws or importlib.util.find_spec("boto3") is not None,
+            "transport 'aws' needs boto3, the AWS SDK for Python, which cloakbench does not install: pip install boto3",
+        )
         require(1 <= self.max_faces <= 100, f"max_faces must be in 1..100, got {self.max_faces}")
         require(
             0.0 <= self.match_threshold <= 100.0, f"match_threshold must be in [0, 100], got {self.match_threshold}"
@@ -181,6 +223,14 @@ class ServiceSpec:
             "rate_limit_per_s must be in [0.01, 1e6] requests per second (null: no limit), "
             f"got {self.rate_limit_per_s}",
         )
+
+    @property
+    def real_aws(self) -> bool:
+        """Whether the service is Amazon's own (transport aws, endpoint aws): ``backend`` plays no part then."""
+        return self.transport is Transport.AWS and self.endpoint != "local"
+
+    def default_label(self) -> str:
+        return f"{self.kind.value}-aws" if self.real_aws else f"{self.kind.value}-{self.backend}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +270,8 @@ class Suite:
     clean_accuracy_floor: float = 0.5
     oblivious_only: bool = False
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    models: tuple[FileModel, ...] = ()  # models from a file (ONNX/TorchScript), named in recognizers/surrogates/backend
+    plugins: tuple[PluginRef, ...] = ()  # suite plug-ins (files, modules), loaded first; each with its source's SHA-256
 
     def __post_init__(self) -> None:
         require(
@@ -256,6 +308,10 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)
+        if not self.models:  # a suite without file models keeps the resolved form (and digest) it had before
+            del plain["models"]
+        if not self.plugins:  # likewise for a suite without plug-ins
+            del plain["plugins"]
         return plain
 
 
@@ -283,6 +339,52 @@ def _with_robust(item: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     return {**item, "robust": parse_robust(_require_mapping(item["robust"], where), where=where)}
 
 
+def _file_models(top: dict[str, Any], where: str, base: Path | None) -> dict[str, Any]:
+    """Models from a file (:mod:`cloakbench.attacks.recognizers.from_file`): a mapping with ``onnx`` or
+    ``torchscript`` in ``models``, ``recognizers``, ``defenses[].surrogates`` or ``services[].backend`` is validated
+    (its file loaded and run once), collected into ``models`` and replaced by its name; a name has one definition."""
+    found: dict[str, tuple[FileModel, str]] = {}
+
+    def take(value: Any, path: str) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        if not is_file_model(value):
+            raise ConfigError(
+                f"{where}: {path}: a mapping here is a model from a file, with 'name', 'input' and 'onnx: FILE' or "
+                f"'torchscript: FILE'; got keys {', '.join(quote(k) for k in value) or 'none'}"
+            )
+        model = parse_file_model(value, where=f"{where}: {path}", base=base)
+        if model.name in found and found[model.name][0] != model:
+            raise ConfigError(
+                f"{where}: {path}.name: {quote(model.name)} is already defined differently at {found[model.name][1]}"
+            )
+        found.setdefault(model.name, (model, path))
+        return model.name
+
+    if "models" in top:
+        listed = _list_of_mappings(top["models"], f"{where}: models", shorthand=False, allow_empty=True)
+        for i, item in enumerate(listed):
+            take(item, f"models[{i}]")
+    if isinstance(top.get("recognizers"), list):
+        top["recognizers"] = [take(r, f"recognizers[{i}]") for i, r in enumerate(top["recognizers"])]
+    if isinstance(top.get("defenses"), list):
+        top["defenses"] = [
+            {**d, "surrogates": [take(s, f"defenses[{i}].surrogates[{j}]") for j, s in enumerate(d["surrogates"])]}
+            if isinstance(d, Mapping) and isinstance(d.get("surrogates"), list)
+            else d
+            for i, d in enumerate(top["defenses"])
+        ]
+    if isinstance(top.get("services"), list):
+        top["services"] = [
+            {**s, "backend": take(s["backend"], f"services[{i}].backend")}
+            if isinstance(s, Mapping) and "backend" in s
+            else s
+            for i, s in enumerate(top["services"])
+        ]
+    top["models"] = tuple(m for m, _ in found.values())
+    return top
+
+
 def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ...]:
     """Fill in default labels (the registry name) and reject duplicates."""
     out = tuple(dataclasses.replace(it, label=it.label or it.name) for it in items)
@@ -297,11 +399,16 @@ def _labelled(items: tuple[Any, ...], where: str, section: str) -> tuple[Any, ..
     return out
 
 
-def parse_suite(data: Any, *, where: str) -> Suite:
-    """Validate a suite mapping (from YAML) into a :class:`Suite`; registry names are checked too."""
+def parse_suite(data: Any, *, where: str, base: Path | None = None) -> Suite:
+    """Validate a suite mapping (from YAML) into a :class:`Suite`; registry names are checked too. Model files
+    (:func:`_file_models`) are relative to ``base`` (:func:`load_suite`: the suite file's folder; default: the
+    working directory)."""
     if data is None:
         raise ConfigError(f"{where}: the suite is empty (expected a mapping with at least name, defenses, recognizers)")
     top = dict(_require_mapping(data, f"{where}: top level"))
+    if "plugins" in top:  # first: they register names the rest of the suite may use (relative to ``base``)
+        top["plugins"] = load_plugins(top["plugins"], base=base, where=f"{where}: plugins")
+    top = _file_models(top, where, base)
     fields: dict[str, Any] = dict(top)
     if "dataset" in top:
         fields["dataset"] = build(
@@ -335,7 +442,7 @@ def parse_suite(data: Any, *, where: str) -> Suite:
     if "services" in top:
         items = _list_of_mappings(top["services"], f"{where}: services", shorthand=False, allow_empty=True)
         svcs = tuple(build(ServiceSpec, it, where=f"{where}: services[{i}]") for i, it in enumerate(items))
-        svcs = tuple(dataclasses.replace(s, label=s.label or f"{s.kind.value}-{s.backend}") for s in svcs)
+        svcs = tuple(dataclasses.replace(s, label=s.label or s.default_label()) for s in svcs)
         fields["services"] = _labelled(svcs, where, "services")
     for key in ("recognizers", "classifiers"):
         if key in top and (not isinstance(top[key], list) or not top[key]):
@@ -363,6 +470,10 @@ def _check_names(suite: Suite, where: str) -> None:
         except RegistryError as exc:
             raise ConfigError(f"{where}: {path}: {exc}") from None
 
+    files = {m.name: m for m in suite.models}
+    for i, m in enumerate(suite.models):  # again here: a suite plug-in may have registered the name since
+        if m.name in RECOGNIZERS:
+            raise ConfigError(f"{where}: models[{i}].name: {quote(m.name)} is also a registered recognizer; rename it")
     for i, d in enumerate(suite.defenses):
         check(DEFENSES, d.name, f"defenses[{i}].name")
         DEFENSES.get(d.name).check_params(d.params, where=f"{where}: defenses[{i}].params")
@@ -373,9 +484,17 @@ def _check_names(suite: Suite, where: str) -> None:
                 f"protocol (a mask fitted on enrollment photos, applied to unseen query photos); universal: {universal}"
             )
         for j, s in enumerate(d.surrogates):
-            check(RECOGNIZERS, s, f"defenses[{i}].surrogates[{j}]")
+            if s in files and not files[s].white_box and "white-box surrogate" in DEFENSES.get(d.name).meta.tags:
+                raise ConfigError(
+                    f"{where}: defenses[{i}].surrogates[{j}]: {quote(s)} is an ONNX file, a black box without "
+                    f"gradients; {quote(d.name)} needs a white-box surrogate (export the model to TorchScript and "
+                    "give it as 'torchscript: FILE')"
+                )
+            if s not in files:
+                check(RECOGNIZERS, s, f"defenses[{i}].surrogates[{j}]")
     for i, r in enumerate(suite.recognizers):
-        check(RECOGNIZERS, r, f"recognizers[{i}]")
+        if r not in files:
+            check(RECOGNIZERS, r, f"recognizers[{i}]")
     for i, c in enumerate(suite.countermeasures):
         if c.name in ADAPTATIONS:
             ADAPTATIONS.get(c.name).check_params(c.params, where=f"{where}: countermeasures[{i}].params")
@@ -397,7 +516,8 @@ def _check_names(suite: Suite, where: str) -> None:
     for i, k in enumerate(suite.classifiers):
         check(CLASSIFIERS, k, f"classifiers[{i}]")
     for i, svc in enumerate(suite.services):
-        check(RECOGNIZERS, svc.backend, f"services[{i}].backend")
+        if svc.backend not in files:
+            check(RECOGNIZERS, svc.backend, f"services[{i}].backend")
         if svc.label in suite.recognizers:
             raise ConfigError(f"{where}: services[{i}]: label {quote(svc.label)} is also a recognizer name; rename it")
         if Protocol.PROBE_CLOAKING in suite.protocols:
@@ -653,7 +773,7 @@ def load_suite(path: Path) -> Suite:
         data = yaml.load(_read_text(path), Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from None
-    suite = parse_suite(data, where=str(path))
+    suite = parse_suite(data, where=str(path), base=path.parent)
     # relative dataset paths are relative to the suite file, not to wherever the command was started
     dataset = dataclasses.replace(
         suite.dataset, path=_beside(path, suite.dataset.path), names=_beside(path, suite.dataset.names)
@@ -661,7 +781,41 @@ def load_suite(path: Path) -> Suite:
     if dataset != suite.dataset:
         suite = dataclasses.replace(suite, dataset=dataset)
     check_dataset(suite, str(path))
-    return suite
+    return check_file_defenses(suite, path)
+
+
+def check_file_defenses(suite: Suite, suite_file: Path) -> Suite:
+    """Defenses that read files made for the dataset's photos (``precomputed``: their registry entry takes the
+    photos' ``sources``): ``params.path`` made absolute against the suite file's folder and checked to be a folder
+    outside ``dataset.path``, on a folder dataset, before any work starts."""
+    from cloakbench.defenses import DEFENSES
+
+    where = str(suite_file)
+    specs = []
+    for i, d in enumerate(suite.defenses):
+        if "sources" not in DEFENSES.get(d.name).runtime_args or "path" not in d.params:
+            specs.append(d)
+            continue
+        if suite.dataset.source is not DatasetSource.FOLDER or suite.dataset.path is None:
+            raise ConfigError(
+                f"{where}: defenses[{i}]: {quote(d.name)} reads cloaked files made for the photos of a folder dataset; "
+                "use dataset source 'folder'"
+            )
+        folder = _beside(suite_file, Path(d.params["path"]))
+        assert folder is not None
+        if not folder.is_dir():
+            problem = "does not exist" if not folder.exists() else "is not a folder"
+            raise ConfigError(
+                f"{where}: defenses[{i}].params.path: {folder} {problem} "
+                "(a relative path is relative to the suite file)"
+            )
+        if folder.resolve().is_relative_to(suite.dataset.path.resolve()):
+            raise ConfigError(
+                f"{where}: defenses[{i}].params.path: {folder} is inside dataset.path {suite.dataset.path}, so its "
+                "files would be read as dataset photos; keep the cloaked photos in a folder of their own"
+            )
+        specs.append(dataclasses.replace(d, params={**d.params, "path": str(folder)}))
+    return dataclasses.replace(suite, defenses=tuple(specs))
 
 
 def builtin_suite_path(name: str) -> Path | None:

@@ -112,6 +112,11 @@ class PhotoOutcome:
     """Why a photo is unreadable (the decoder's message), or which detectors found no face; else empty."""
     detector: str = ""
     """The detector that found the kept face (its ``describe()["detector"]``); empty unless aligned."""
+    landmarks: tuple[tuple[float, float], ...] | None = None
+    """The kept face's five (x, y) landmarks in the source photo's pixels, template order: they define the warp
+    that made the aligned photo (:func:`~cloakbench.datasets.align.align_face`), so another image of the same
+    photo (a cloaked copy written by another tool) can be aligned exactly as this one was. None unless aligned,
+    and in reports written before they were recorded."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -120,6 +125,8 @@ class PhotoOutcome:
             raise ValueError(f"PhotoOutcome {self.source}: an output path is required exactly when aligned")
         if self.detector and self.status != ALIGNED:
             raise ValueError(f"PhotoOutcome {self.source}: a detector is named only for aligned photos")
+        if self.landmarks is not None and (self.status != ALIGNED or len(self.landmarks) != 5):
+            raise ValueError(f"PhotoOutcome {self.source}: landmarks are five points of an aligned photo")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +186,7 @@ class AlignmentReport:
                 "output": None if o.output is None else o.output.relative_to(dst_root).as_posix(),
                 "detail": o.detail,
                 "detector": o.detector,
+                "landmarks": None if o.landmarks is None else [list(p) for p in o.landmarks],
             }
             for o in self.outcomes
         ]
@@ -193,6 +201,7 @@ class AlignmentReport:
                 if rel.is_absolute() or ".." in rel.parts:
                     raise ValueError(f"report output {output!r} is not inside the dataset folder")
             score = item["score"]
+            points = item.get("landmarks")  # absent from reports written before landmarks were recorded
             outcomes.append(
                 PhotoOutcome(
                     source=str(item["source"]),
@@ -203,6 +212,7 @@ class AlignmentReport:
                     output=None if output is None else dst_root.joinpath(*PurePosixPath(str(output)).parts),
                     detail=str(item.get("detail", "")),
                     detector=str(item.get("detector", "")),
+                    landmarks=None if points is None else tuple((float(x), float(y)) for x, y in points),
                 )
             )
         return cls(outcomes=tuple(outcomes))
@@ -249,6 +259,7 @@ def _outcome(
     output: Path | None = None,
     detail: str = "",
     detector: str = "",
+    landmarks: tuple[tuple[float, float], ...] | None = None,
 ) -> PhotoOutcome:
     return PhotoOutcome(
         source=source,
@@ -259,6 +270,7 @@ def _outcome(
         output=output,
         detail=detail,
         detector=detector,
+        landmarks=landmarks,
     )
 
 
@@ -330,6 +342,7 @@ def align_folder(
                 score=best.score,
                 output=out,
                 detector=found_by,
+                landmarks=tuple((float(x), float(y)) for x, y in best.landmarks),
             )
         )
     report = AlignmentReport(outcomes=tuple(sorted(outcomes, key=lambda o: o.source)))

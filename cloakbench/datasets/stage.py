@@ -183,6 +183,7 @@ def align_dataset(
                     output=None if o.output is None else root / o.output.relative_to(staged_root),
                     detail=o.detail,
                     detector=o.detector,
+                    landmarks=o.landmarks,
                 )
                 for o in staged_report.outcomes
             )

@@ -12,6 +12,12 @@ the cloak is one (the measured criterion is at :data:`MIN_SURROGATE_SHIFT`); ``c
 bench run it on every cloak, fresh or read from the cache, and report a failure instead of a cloak. It is a
 separate check, not part of :meth:`Defense.protect`, so a faithful preset keeps its original algorithm and
 its outcome is detected, not changed.
+
+A defense that does not compute its cloak from the pixels alone (``precomputed`` reads the cloaked files another
+tool wrote) declares :attr:`Defense.needs_photo_ids`; the bench then passes each photo's dataset image id to
+:meth:`Defense.protect` (``photo_ids``), which hands them to :meth:`Defense._protect_photos`. A defense that leaves
+some photos clean on purpose (an allowed missing file) names them in :meth:`Defense.uncloaked`, so the check above
+does not call them failed cloaks. Both hooks default to nothing; every other defense ignores them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import abc
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import final
+from typing import ClassVar, final
 
 import torch
 
@@ -65,6 +71,8 @@ class Defense(abc.ABC):
     budget: Budget
     requirements: DefenseRequirements
     surrogates: tuple[Recognizer, ...]
+    needs_photo_ids: ClassVar[bool] = False
+    """Whether :meth:`protect` must be given ``photo_ids`` (the photos' dataset image ids; module docstring)."""
 
     def __init__(self, *, name: str, budget: Budget, surrogates: Sequence[Recognizer] = ()) -> None:
         self.name = name
@@ -85,17 +93,43 @@ class Defense(abc.ABC):
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
         """Return cloaked images (any float values; the base class projects, clips and quantises)."""
 
+    def _protect_photos(
+        self, images: torch.Tensor, identities: Sequence[str], photo_ids: Sequence[str], *, generator: torch.Generator
+    ) -> torch.Tensor:
+        """:meth:`_protect` given the photos' dataset image ids too; only a defense with :attr:`needs_photo_ids`
+        overrides it (the default ignores them)."""
+        return self._protect(images, identities, generator=generator)
+
+    def uncloaked(self, photo_ids: Sequence[str]) -> dict[str, str]:
+        """The photos among ``photo_ids`` that this defense leaves clean on purpose, with why (default: none)."""
+        return {}
+
     @final
-    def protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
-        """Cloak a canonical batch of one user's (or several users') photos."""
+    def protect(
+        self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator,
+        photo_ids: Sequence[str] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Cloak a canonical batch of one user's (or several users') photos (``photo_ids``: their dataset image ids,
+        required by a defense with :attr:`needs_photo_ids`, ignored by the others)."""
         check_images(images, what=f"{self.name}.protect input")
         if len(identities) != images.shape[0]:
             raise ImageContractError(
                 f"{self.name}.protect: {images.shape[0]} images but {len(identities)} identity labels"
             )
+        if photo_ids is not None and len(photo_ids) != images.shape[0]:
+            raise ImageContractError(f"{self.name}.protect: {images.shape[0]} images but {len(photo_ids)} photo ids")
+        if self.needs_photo_ids and photo_ids is None:
+            raise ImageContractError(
+                f"{self.name}.protect: this defense reads per-photo files, so it needs each photo's dataset image id "
+                "(photo_ids); it runs inside a benchmark suite, not on bare images"
+            )
         if images.shape[0] == 0:
             return images.clone()
-        out = self._protect(images, identities, generator=generator)
+        if self.needs_photo_ids:
+            assert photo_ids is not None
+            out = self._protect_photos(images, identities, photo_ids, generator=generator)
+        else:
+            out = self._protect(images, identities, generator=generator)
         if out.shape != images.shape:
             raise ImageContractError(f"{self.name}: returned shape {list(out.shape)}, expected {list(images.shape)}")
         if not bool(torch.isfinite(out).all()):

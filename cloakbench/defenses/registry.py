@@ -22,6 +22,7 @@ from cloakbench.defenses.lowkey import LowKeyConfig, make_lowkey
 from cloakbench.defenses.noise import NoiseConfig, make_noise
 from cloakbench.defenses.opom import OPOMConfig, make_opom
 from cloakbench.defenses.pgd import PGDConfig, make_pgd
+from cloakbench.defenses.precomputed import PrecomputedConfig, make_precomputed
 from cloakbench.registry import EntryMeta, Registry
 
 DEFENSES: Registry[Defense] = Registry("defense")
@@ -197,3 +198,20 @@ for _name, (_defaults, _what) in _OPOM_PRESETS.items():
             details=_details(ThreatModel.EVASION, "L-inf 8/255"),
         ),
     )
+DEFENSES.register(
+    "precomputed",
+    make_precomputed,
+    config=PrecomputedConfig,
+    runtime_args=("surrogates", "name", "sources"),
+    meta=EntryMeta(
+        summary="cloaked photos another tool wrote (Fawkes, cloakbench protect, ...), read from params.path "
+        "(pattern '{stem}_cloaked.png'); full-size photos aligned with their clean originals' landmarks; budgets "
+        "measured, not enforced",
+        tags=("external",),
+        details=_details(
+            ThreatModel.POISONING,
+            "none enforced (measured per photo)",
+            files="<path>/<identity folder>/<pattern>; missing ones fail the defense unless max_missing allows them",
+        ),
+    ),
+)

@@ -15,11 +15,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cloakbench.bench.metrics import INTERVAL_METHOD, protection_interval
 from cloakbench.reports.data import RunData
 from cloakbench.reports.render import Column, Estimate, Table
 from cloakbench.reports.worst_case import ANY_RECOGNIZER, truthy, worst_case
+from cloakbench.results import table_frame
 
 CELL = ("protocol", "defense", "recognizer", "countermeasure", "classifier")
 PER_SEED = ("seed", *CELL)
@@ -129,22 +131,13 @@ def pooled_cells(data: RunData) -> list[dict[str, Any]]:
 
 def pooled_quality(data: RunData) -> list[dict[str, Any]]:
     """Per defense, over every photo it cloaked (all seeds): the perturbation it used and the image quality."""
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for row in data.cloaks:
-        groups[str(row["defense"])].append(row)
-    out = []
-    for defense, rows in groups.items():
-
-        def col(k: str, rows: list[Mapping[str, Any]] = rows) -> np.ndarray:
-            return np.array([float(r[k]) for r in rows], dtype=np.float64)
-
-        out.append({
-            "defense": defense, "photos": len(rows), "linf_max": float(col("linf").max()),
-            "linf_mean": float(col("linf").mean()), "l2_mean": float(col("l2").mean()),
-            "psnr_mean": float(col("psnr").mean()), "ssim_mean": float(col("ssim").mean()),
-            "dssim_mean": float(col("dssim").mean()), "dssim_max": float(col("dssim").max()),
-        })  # fmt: skip
-    return data.sort(out, ("defense",))
+    cloaks = table_frame(data, "cloaks").groupby("defense", observed=True)  # categories in suite order
+    stats = cloaks.agg(
+        photos=("linf", "size"), linf_max=("linf", "max"), linf_mean=("linf", "mean"), l2_mean=("l2", "mean"),
+        psnr_mean=("psnr", "mean"), ssim_mean=("ssim", "mean"), dssim_mean=("dssim", "mean"),
+        dssim_max=("dssim", "max"),
+    )  # fmt: skip
+    return [{"defense": str(defense), **row} for defense, row in stats.to_dict("index").items()]
 
 
 # -- the tables ---------------------------------------------------------------------------------------------
@@ -194,20 +187,16 @@ def protection_table(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> Tabl
 def clean_accuracy_table(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> Table:
     """Per tracker (protocol, recognizer, countermeasure, classifier): accuracy on clean photos, which says
     whether a protection rate means anything (a tracker that fails on clean photos 'protects' everyone)."""
-    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = defaultdict(list)
-    for r in pooled:
-        if r.get("n_seeds"):
-            groups[(r["protocol"], r["recognizer"], r["countermeasure"], r["classifier"])].append(r)
-    rows = []
-    for (protocol, recognizer, cm, clf), group in groups.items():
-        protected = [float(r["clean_accuracy_protected"]) for r in group]
-        finite = [p for p in protected if not math.isnan(p)]
-        rows.append({
-            "protocol": protocol, "recognizer": recognizer, "countermeasure": cm, "classifier": clf,
-            "clean_accuracy_protected": _mean(protected),
-            "clean_accuracy_all": _mean([r["clean_accuracy_all"] for r in group]),
-            "spread": (max(finite) - min(finite)) if finite else float("nan"),
-        })  # fmt: skip
+    keys = ["protocol", "recognizer", "countermeasure", "classifier"]
+    measured = pd.DataFrame.from_records(
+        [r for r in pooled if r.get("n_seeds")], columns=[*keys, "clean_accuracy_protected", "clean_accuracy_all"]
+    ).astype({"clean_accuracy_protected": "float64", "clean_accuracy_all": "float64"})
+    stats = measured.groupby(keys, sort=False).agg(
+        clean_accuracy_protected=("clean_accuracy_protected", "mean"), low=("clean_accuracy_protected", "min"),
+        high=("clean_accuracy_protected", "max"), clean_accuracy_all=("clean_accuracy_all", "mean"),
+    )  # fmt: skip
+    stats["spread"] = stats["high"] - stats["low"]
+    rows = stats.drop(columns=["low", "high"]).reset_index().to_dict("records")
     return Table(
         name="clean-accuracy",
         title="Clean accuracy of each tracker",
@@ -255,21 +244,23 @@ def quality_table(quality: Sequence[Mapping[str, Any]]) -> Table:
 def cost_rows(data: RunData, pooled: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per defense: seconds per cloaked photo (as the run measured it, averaged over seeds), photos cloaked, and
     the cloaking stage's wall seconds summed over the run's tasks."""
-    per_image: dict[str, list[Any]] = defaultdict(list)
-    for r in pooled:
-        per_image[str(r["defense"])].append(r.get("cloak_s_per_image"))
-    photos: dict[str, int] = defaultdict(int)
-    for c in data.cloaks:
-        photos[str(c["defense"])] += 1
-    stage: dict[str, float] = defaultdict(float)
-    subject = {str(t["task_key"]): str(t["subject"]) for t in data.tasks if t.get("kind") == "cloak"}
-    for t in data.timings:
-        if t["stage"] == "cloaking" and str(t["task_key"]) in subject:
-            stage[subject[str(t["task_key"])]] += float(t["seconds"])
+    per_image = (
+        pd.DataFrame.from_records(list(pooled), columns=["defense", "cloak_s_per_image"])
+        .astype({"cloak_s_per_image": "float64"})
+        .groupby("defense", sort=False)["cloak_s_per_image"]
+        .mean()
+    )
+    photos = table_frame(data, "cloaks")["defense"].value_counts()
+    tasks = table_frame(data, "tasks")
+    subject = tasks.loc[tasks["kind"] == "cloak"].set_index("task_key")["subject"].astype(str)
+    timings = pd.DataFrame.from_records(list(data.timings), columns=["task_key", "stage", "seconds"])
+    cloaking = timings[(timings["stage"] == "cloaking") & timings["task_key"].isin(subject.index)]
+    stage = cloaking.groupby(cloaking["task_key"].map(subject))["seconds"].sum()
     rows = [
-        {"defense": d, "photos": photos.get(d, 0), "s_per_image": _mean(v), "cloaking_s": stage.get(d, float("nan"))}
+        {"defense": d, "photos": int(photos.get(d, 0)), "s_per_image": float(v),
+         "cloaking_s": float(stage.get(d, float("nan")))}
         for d, v in per_image.items()
-    ]
+    ]  # fmt: skip
     return data.sort(rows, ("defense",))
 
 
@@ -388,33 +379,30 @@ def adaptation_table(data: RunData) -> Table:
 def identity_table(data: RunData) -> Table | None:
     """Protection per protected identity and defense, a column per recognizer, for one slice of the grid (the
     suite's first protocol and classifier, no countermeasure when the suite has it): who a defense fails."""
-    ok = {tuple(str(c.get(k, "")) for k in PER_SEED) for c in data.cells if c.get("status") == "ok"}
-    protocol = data.first("protocol", (str(c["protocol"]) for c in data.cells))
-    classifier = data.first("classifier", (str(c["classifier"]) for c in data.cells))
-    cm = data.first("countermeasure", (str(c["countermeasure"]) for c in data.cells), prefer="none")
-    groups: dict[tuple[str, str], dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    recognizers: list[str] = []
-    for q in data.queries:
-        key = tuple(str(q.get(k, "")) for k in PER_SEED)
-        if key not in ok or (key[1], key[4], key[5]) != (protocol, cm, classifier):
-            continue
-        rec = key[3]
-        if rec not in recognizers:
-            recognizers.append(rec)
-        groups[(str(q.get("protected_identity", "")), key[2])][rec].append(truthy(q.get("correct")))
-    if not groups:
+    cells, queries = table_frame(data, "cells"), table_frame(data, "queries")
+    protocol = data.first("protocol", cells["protocol"].astype(str))
+    classifier = data.first("classifier", cells["classifier"].astype(str))
+    cm = data.first("countermeasure", cells["countermeasure"].astype(str), prefer="none")
+    ok = cells.loc[cells["status"] == "ok", list(PER_SEED)].astype(str).set_index(list(PER_SEED)).index
+    shown = queries[
+        queries[list(PER_SEED)].astype(str).set_index(list(PER_SEED)).index.isin(ok)
+        & (queries["protocol"] == protocol) & (queries["countermeasure"] == cm)
+        & (queries["classifier"] == classifier)
+    ]  # fmt: skip
+    if shown.empty:
         return None
-    recognizers = sorted(recognizers, key=lambda r: data.order("recognizer").get(r, 1 << 30))
+    per = shown.assign(identity=shown["protected_identity"].astype(str), hit=shown["correct"].astype("float64"))
+    per = per.pivot_table(
+        index=["identity", "defense"], columns="recognizer", values="hit", aggfunc=["mean", "size"], observed=True
+    )  # rows: identity by name, then defense in suite order; columns: recognizers in suite order
+    recognizers = [str(r) for r in per["mean"].columns]
     rows = []
-    for (ident, defense), per_rec in groups.items():
-        row: dict[str, Any] = {"identity": ident, "defense": defense,
-                               "photos": max(len(v) for v in per_rec.values())}  # fmt: skip
-        for i, rec in enumerate(recognizers):
-            flags = per_rec.get(rec)
-            row[f"r{i}"] = (1.0 - float(np.mean(flags))) if flags else float("nan")
+    for (ident, defense), r in per.iterrows():
+        row: dict[str, Any] = {"identity": ident, "defense": str(defense), "photos": int(r["size"].max())}
+        for i, rec in enumerate(per["mean"].columns):
+            hit = r["mean"][rec]
+            row[f"r{i}"] = 1.0 - float(hit) if pd.notna(hit) else float("nan")
         rows.append(row)
-    order = data.order("defense")
-    rows.sort(key=lambda r: (r["identity"], order.get(r["defense"], 1 << 30)))
     return Table(
         name="identities",
         title="Protection per protected identity",

@@ -10,6 +10,7 @@ from cloakbench.attacks.recognizers.base import (
     Recognizer,
     TorchRecognizer,
 )
+from cloakbench.attacks.recognizers.from_file import FileModel, recognizer_from_file
 from cloakbench.attacks.recognizers.zoo import RECOGNIZERS
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "Alignment",
     "Capabilities",
     "ChannelOrder",
+    "FileModel",
     "InputSpec",
     "Recognizer",
     "TorchRecognizer",
+    "recognizer_from_file",
 ]

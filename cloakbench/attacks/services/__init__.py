@@ -9,23 +9,32 @@ Both are backed by any zoo :class:`~cloakbench.attacks.recognizers.Recognizer`, 
 pixels only (canonical tensors are rounded as a PNG would be), never return embeddings or tensors,
 count successful calls per operation and can be rate-limited (:class:`RateLimit`). :func:`serve` puts
 them behind a real HTTP server on 127.0.0.1 that answers only clients holding its per-server secret (a
-:class:`ServiceEndpoint`: url and secret); :class:`CollectionClient` and :class:`PersonGroupClient`
+:class:`ServiceEndpoint`: url, secret, region); :class:`CollectionClient` and :class:`PersonGroupClient`
 implement the same :class:`CollectionAPI` / :class:`PersonGroupAPI` protocols over it, raising the same
-exceptions, so code written against the protocols runs unchanged in-process or over HTTP. An adapter
-for a real service (with the user's own keys) only has to implement the same protocol.
+exceptions, so code written against the protocols runs unchanged in-process or over HTTP.
+
+The collection server speaks Amazon Rekognition's own JSON protocol, SigV4-signed (:mod:`.rekognition_wire`,
+:mod:`.sigv4`), so AWS SDKs call it unchanged; :class:`AwsCollection` is the same protocol through boto3, to
+the real Amazon Rekognition (the user's AWS credentials) or to that server.
 """
 
 from __future__ import annotations
 
+from cloakbench.attacks.services.aws import AwsCollection, AwsCredentials
 from cloakbench.attacks.services.azure import PersonGroupService
 from cloakbench.attacks.services.base import (
     SIMILARITY_MAPPING,
     Candidate,
     CollectionAPI,
+    CollectionInfo,
     Face,
     FaceMatch,
     ImageInput,
+    ImageTooLargeError,
+    InvalidImageFormatError,
     InvalidParameterError,
+    InvalidSignatureError,
+    NoFaceError,
     NotTrainedError,
     Person,
     PersonGroupAPI,
@@ -51,14 +60,21 @@ from cloakbench.attacks.services.rekognition import FaceCollection
 
 __all__ = [
     "SIMILARITY_MAPPING",
+    "AwsCollection",
+    "AwsCredentials",
     "Candidate",
     "CollectionAPI",
     "CollectionClient",
+    "CollectionInfo",
     "Face",
     "FaceCollection",
     "FaceMatch",
     "ImageInput",
+    "ImageTooLargeError",
+    "InvalidImageFormatError",
     "InvalidParameterError",
+    "InvalidSignatureError",
+    "NoFaceError",
     "NotTrainedError",
     "Person",
     "PersonGroupAPI",

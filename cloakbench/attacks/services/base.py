@@ -77,7 +77,8 @@ about half of the genuine pairs (SFace's own verification threshold, cos 0.363, 
 
 
 class ServiceError(CloakbenchError):
-    """An error a face-recognition service returns; ``code`` is its wire name, ``http_status`` its status."""
+    """An error a face-recognition service returns; ``code`` is its wire name (Amazon Rekognition's exception
+    name, which the HTTP server sends as ``__type``), ``http_status`` its status on cloakbench's own routes."""
 
     code = "InternalServerError"
     http_status = 500
@@ -88,6 +89,29 @@ class InvalidParameterError(ServiceError, ValueError):
 
     code = "InvalidParameterException"
     http_status = 400
+
+
+class InvalidImageFormatError(InvalidParameterError):
+    """The image bytes are not a readable PNG (the services take lossless PNG only)."""
+
+    code = "InvalidImageFormatException"
+
+
+class ImageTooLargeError(InvalidParameterError):
+    """The image bytes exceed :data:`MAX_IMAGE_BYTES` (Rekognition's 5 MB)."""
+
+    code = "ImageTooLargeException"
+
+
+class InvalidPaginationTokenError(InvalidParameterError):
+    """A ``NextToken`` this server did not hand out."""
+
+    code = "InvalidPaginationTokenException"
+
+
+class NoFaceError(InvalidParameterError):
+    """A real service found no face in the image (the local services never raise it: every image is one
+    aligned face crop)."""
 
 
 class ResourceNotFoundError(ServiceError, LookupError):
@@ -112,9 +136,12 @@ class NotTrainedError(ServiceError):
 
 
 class ThrottlingError(ServiceError):
-    """The rate limit was exceeded; retry after ``retry_after_s`` seconds."""
+    """The rate limit was exceeded; retry after ``retry_after_s`` seconds.
 
-    code = "ThrottlingException"
+    On the Rekognition wire this is ``ProvisionedThroughputExceededException`` (HTTP 400), what Amazon
+    Rekognition returns when a client exceeds its transactions per second; AWS SDKs retry it with back-off."""
+
+    code = "ProvisionedThroughputExceededException"
     http_status = 429
 
     def __init__(self, message: str, *, retry_after_s: float = 0.0) -> None:
@@ -137,14 +164,32 @@ class RequestRefusedError(ServiceError):
 
 
 class UnauthorizedError(RequestRefusedError):
-    """The request did not carry the server's secret (``Authorization: Bearer <secret>``)."""
+    """The request did not prove it holds the server's secret; as such, an unknown access key id."""
 
     code = "UnrecognizedClientException"
     http_status = 401
 
 
+class MissingAuthenticationTokenError(UnauthorizedError):
+    """No ``Authorization`` header at all."""
+
+    code = "MissingAuthenticationTokenException"
+
+
+class IncompleteSignatureError(UnauthorizedError):
+    """An ``Authorization`` header that is not a well-formed AWS Signature Version 4."""
+
+    code = "IncompleteSignatureException"
+
+
+class InvalidSignatureError(UnauthorizedError):
+    """A SigV4 signature that does not match, is stale, or is scoped to another region or service."""
+
+    code = "InvalidSignatureException"
+
+
 class UnsupportedMediaTypeError(RequestRefusedError):
-    """The request body is not declared ``application/json``."""
+    """The request body is not declared with the route's content type."""
 
     code = "UnsupportedMediaTypeException"
     http_status = 415
@@ -155,6 +200,9 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
     for cls in (
         ServiceError,
         InvalidParameterError,
+        InvalidImageFormatError,
+        ImageTooLargeError,
+        InvalidPaginationTokenError,
         ResourceNotFoundError,
         ResourceAlreadyExistsError,
         NotTrainedError,
@@ -162,10 +210,14 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
         UnknownOperationError,
         RequestRefusedError,
         UnauthorizedError,
+        MissingAuthenticationTokenError,
+        IncompleteSignatureError,
+        InvalidSignatureError,
         UnsupportedMediaTypeError,
     )
 }
 """Wire code -> exception type, so a client raises what the in-process service would have raised."""
+ERROR_TYPES["ThrottlingException"] = ThrottlingError  # Rekognition's other throttling name (HTTP 500 there)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -177,6 +229,17 @@ class Face:
 
     face_id: str
     external_image_id: str
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What DescribeCollection tells about a collection: its face count, the model behind it
+    (``face_model_version``: ``cloakbench/<recognizer>`` locally) and when it was created (seconds since the
+    epoch; ``None`` when the service does not say)."""
+
+    face_count: int
+    face_model_version: str
+    created: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +280,8 @@ class CollectionAPI(Protocol):
     def delete_collection(self, collection_id: str) -> None: ...
 
     def list_collections(self) -> list[str]: ...
+
+    def describe_collection(self, collection_id: str) -> CollectionInfo: ...
 
     def index_faces(self, collection_id: str, image: ImageInput, external_image_id: str) -> str: ...
 
@@ -291,9 +356,9 @@ def _check_side(height: int, width: int, what: str) -> None:
 def decode_png(data: bytes, *, what: str = "image") -> np.ndarray:
     """PNG bytes -> uint8 RGB ``[H, W, 3]``; anything else (JPEG, truncated, too large) is an error naming ``what``."""
     if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidParameterError(f"{what}: {len(data)} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes")
+        raise ImageTooLargeError(f"{what}: {len(data)} bytes exceeds the limit of {MAX_IMAGE_BYTES} bytes")
     if not data.startswith(PNG_SIGNATURE):
-        raise InvalidParameterError(f"{what}: not a PNG file (images cross service boundaries as lossless PNG)")
+        raise InvalidImageFormatError(f"{what}: not a PNG file (images cross service boundaries as lossless PNG)")
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             width, height = img.size
@@ -303,7 +368,7 @@ def decode_png(data: bytes, *, what: str = "image") -> np.ndarray:
     except InvalidParameterError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidParameterError(f"{what}: unreadable PNG ({exc})") from None
+        raise InvalidImageFormatError(f"{what}: unreadable PNG ({exc})") from None
     return np.array(rgb, dtype=np.uint8)  # a writable copy
 
 
@@ -362,9 +427,10 @@ def check_identify_count(count: int) -> None:
 _COLLECTION_ID = re.compile(r"[a-zA-Z0-9_.\-]{1,255}")
 _EXTERNAL_IMAGE_ID = re.compile(r"[a-zA-Z0-9_.\-:]{1,255}")
 _PERSON_GROUP_ID = re.compile(r"[a-z0-9\-_]{1,64}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def check_id(value: object, *, what: str, kind: Literal["collection", "external", "group", "plain"]) -> str:
+def check_id(value: object, *, what: str, kind: Literal["collection", "external", "group", "uuid", "plain"]) -> str:
     """A string id matching the real API's pattern for ``kind`` (Rekognition ids, Azure group ids)."""
     if not isinstance(value, str):
         raise InvalidParameterError(f"{what}: expected a string, got {type(value).__name__}")
@@ -372,6 +438,7 @@ def check_id(value: object, *, what: str, kind: Literal["collection", "external"
         "collection": (_COLLECTION_ID, "1-255 characters from [a-zA-Z0-9_.-]"),
         "external": (_EXTERNAL_IMAGE_ID, "1-255 characters from [a-zA-Z0-9_.:-]"),
         "group": (_PERSON_GROUP_ID, "1-64 characters from [a-z0-9_-]"),
+        "uuid": (_UUID, "a lower-case UUID such as 0123abcd-0000-4000-8000-0123456789ab"),
         "plain": (None, "a non-empty string of at most 255 characters"),
     }[kind]
     ok = pattern.fullmatch(value) is not None if pattern is not None else 0 < len(value) <= 255
@@ -518,6 +585,11 @@ class ServiceCore:
     def _embed_now(self, array: np.ndarray) -> torch.Tensor:
         emb = self._recognizer.embed(from_uint8(array))
         return emb[0].detach().to("cpu", torch.float32)
+
+    @property
+    def face_model_version(self) -> str:
+        """The model behind the service, as the wire's ``FaceModelVersion`` names it: ``cloakbench/<recognizer>``."""
+        return f"cloakbench/{self._recognizer.name}"
 
     def query_counts(self) -> dict[str, int]:
         """Successful calls per operation (wire names, e.g. ``{"SearchFacesByImage": 12}``) since the last reset."""

@@ -1,26 +1,28 @@
 """The services over HTTP on loopback: a stdlib server, and clients with the in-process interface.
 
-Wire format (JSON over ``POST``, field names after the real APIs):
+Wire formats:
 
-- ``POST /rekognition/<Action>`` for :class:`~.rekognition.FaceCollection`, Action one of
-  ``CreateCollection {CollectionId}``, ``DeleteCollection {CollectionId}``, ``ListCollections {}``,
-  ``IndexFaces {CollectionId, Image: {Bytes}, ExternalImageId}``,
-  ``SearchFacesByImage {CollectionId, Image: {Bytes}, MaxFaces, FaceMatchThreshold}``,
-  ``ListFaces {CollectionId}``, ``DeleteFaces {CollectionId, FaceIds}``.
-- ``POST /face/<Action>`` for :class:`~.azure.PersonGroupService`, Action one of
+- **Rekognition** (:class:`~.rekognition.FaceCollection`): Amazon Rekognition's own JSON protocol, so that the
+  official AWS SDKs call it unchanged (boto3 with ``endpoint_url``): ``POST /`` with
+  ``X-Amz-Target: RekognitionService.<Action>``, ``Content-Type: application/x-amz-json-1.1``, signed with
+  AWS Signature Version 4 (access key id :data:`ACCESS_KEY_ID`, the server's secret as the secret access
+  key, the server's region, service ``rekognition``). Actions, shapes and differences: :mod:`.rekognition_wire`;
+  signature checks: :mod:`.sigv4`. Errors are ``400`` (``500`` for ``InternalServerError``)
+  ``{"__type", "Code", "Logref", "Message"}``; an ``X-Amz-Target`` this server does not serve is a ``400``
+  ``UnknownOperationException`` naming the served actions.
+- **Face** (:class:`~.azure.PersonGroupService`): ``POST /face/<Action>`` with a JSON body, Action one of
   ``CreatePersonGroup {personGroupId, name}``, ``DeletePersonGroup {personGroupId}``,
   ``CreatePerson {personGroupId, name}``, ``DeletePerson {personGroupId, personId}``, ``ListPersons {personGroupId}``,
   ``AddFace {personGroupId, personId, image}``, ``Train {personGroupId}``,
   ``GetTrainingStatus {personGroupId}``,
-  ``Identify {personGroupId, images, maxNumOfCandidatesReturned, confidenceThreshold}``.
-- On both: ``QueryCounts``, ``ResetQueryCounts`` and ``Describe`` (administrative: never counted nor
-  rate-limited); ``GET /usage`` returns every served service's query counts, ``GET /health`` ``ok``.
+  ``Identify {personGroupId, images, maxNumOfCandidatesReturned, confidenceThreshold}`` (field names after Azure
+  Face's; images base64 PNG); errors ``{"__type": code, "message": text}`` with status 400, 404, 409, 429 or 500.
+- **Administration** (cloakbench's own, never counted nor rate-limited): ``POST /rekognition/<A>`` and
+  ``POST /face/<A>`` for A in ``QueryCounts``, ``ResetQueryCounts``, ``Describe``; ``GET /usage`` returns every
+  served service's query counts, ``GET /health`` ``ok``.
 
-Images travel as base64 PNG (``Image.Bytes`` / ``image`` / ``images[i]``). Errors are JSON
-``{"__type": code, "message": text}`` with status 400 (invalid parameter), 404 (unknown resource or
-path), 409 (already exists, not trained), 429 (throttled, with ``Retry-After``) or 500; the clients raise
-the very exception type the in-process service raises, with the same message. Query counts live on the
-server (the service object), so every client of one server sees the same numbers.
+The clients raise the very exception type the in-process service raises, with the same message. Query counts
+live on the server (the service object), so every client of one server sees the same numbers.
 
 The server binds 127.0.0.1 only: these are local stand-ins, not something to expose to a network. Binding
 to loopback keeps other machines out, not other local processes, nor a web page in a local browser that
@@ -30,10 +32,15 @@ Before it reads a request body, the server refuses, and counts (:attr:`ServiceSe
 
 - a ``Host`` header other than the ``127.0.0.1:<port>`` it is bound to (403 ``AccessDeniedException``): a
   web page that re-resolved its own domain to 127.0.0.1 (DNS rebinding) sends its own domain;
-- a missing or wrong ``Authorization: Bearer <secret>`` (401 ``UnrecognizedClientException``; compared in
-  constant time, never echoed); only ``GET /health`` needs no secret;
-- a POST whose ``Content-Type`` is not ``application/json`` (415 ``UnsupportedMediaTypeException``): what a
-  web page may send cross-origin without asking first (``text/plain``, forms).
+- on the Rekognition route, a request without a valid SigV4 signature made with the secret (400
+  ``MissingAuthenticationTokenException``, ``IncompleteSignatureException``, ``UnrecognizedClientException``
+  or ``InvalidSignatureException``; a stale ``X-Amz-Date`` too: see :mod:`.sigv4`); the body is read, up to
+  :data:`MAX_BODY_BYTES`, only once the header checks passed, since the signature covers it;
+- elsewhere, a missing or wrong ``Authorization: Bearer <secret>`` (401 ``UnrecognizedClientException``;
+  compared in constant time, never echoed); only ``GET /health`` needs no secret;
+- a POST whose ``Content-Type`` is not the route's (``application/x-amz-json-1.1`` for Rekognition,
+  ``application/json`` elsewhere; 415 ``UnsupportedMediaTypeException``, 400 on the Rekognition route): what a
+  web page may send cross-origin without asking first (``text/plain``, forms) is never one of them.
 
 The benchmark starts the server and builds its client in the same process, so the secret never leaves the
 process (no file, environment variable or command line holds it). Code that serves a service itself gets
@@ -58,7 +65,9 @@ import re
 import secrets
 import sys
 import threading
+import time
 import urllib.parse
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloakbench.attacks.services import rekognition_wire, sigv4
 from cloakbench.attacks.services.azure import PersonGroupService
 from cloakbench.attacks.services.base import (
     DEFAULT_CONFIDENCE_THRESHOLD,
@@ -79,6 +89,7 @@ from cloakbench.attacks.services.base import (
     IDENTIFY_MAX_IMAGES,
     MAX_IMAGE_BYTES,
     Candidate,
+    CollectionInfo,
     Face,
     FaceMatch,
     ImageInput,
@@ -99,6 +110,10 @@ from cloakbench.attacks.services.base import (
 from cloakbench.attacks.services.rekognition import FaceCollection
 
 LOOPBACK = "127.0.0.1"
+ACCESS_KEY_ID = "CLOAKBENCHLOCAL"
+"""The access key id a Rekognition client signs with; the secret access key is the server's secret."""
+DEFAULT_REGION = "us-east-1"
+"""The region a server answers for (its requests must be signed for it) unless told another."""
 MAX_BODY_BYTES = IDENTIFY_MAX_IMAGES * (MAX_IMAGE_BYTES * 4 // 3 + 16) + 64 * 1024
 """Ten base64 images at the size limit plus room for the other fields."""
 MAX_LENGTH_DIGITS = 12
@@ -108,6 +123,7 @@ MAX_INT_DIGITS = 4300
 SECRET_BYTES = 32
 """Entropy of a server's secret (``secrets.token_urlsafe(32)``: 43 characters)."""
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")  # RFC 6750 b64token: what may follow "Bearer "
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 
 log = logging.getLogger(__name__)
 
@@ -138,58 +154,6 @@ def _b64(value: object, what: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidParameterError(f"{what}: not valid base64") from None
-
-
-def _rekognition_image(body: Json) -> bytes:
-    image = _field(body, "Image")
-    if not isinstance(image, dict) or "Bytes" not in image:
-        raise InvalidParameterError('Image: expected an object {"Bytes": <base64 PNG>}')
-    return _b64(image["Bytes"], "Image.Bytes")
-
-
-def _face_json(face: Face) -> Json:
-    return {"FaceId": face.face_id, "ExternalImageId": face.external_image_id}
-
-
-def _search(s: FaceCollection, b: Json) -> Json:
-    matches = s.search_faces_by_image(
-        _field(b, "CollectionId"),
-        _rekognition_image(b),
-        max_faces=b.get("MaxFaces", DEFAULT_MAX_FACES),
-        face_match_threshold=b.get("FaceMatchThreshold", DEFAULT_FACE_MATCH_THRESHOLD),
-    )
-    return {
-        "FaceMatches": [
-            {"Similarity": m.similarity, "Face": {"FaceId": m.face_id, "ExternalImageId": m.external_image_id}}
-            for m in matches
-        ]
-    }
-
-
-def _index(s: FaceCollection, b: Json) -> Json:
-    face_id = s.index_faces(_field(b, "CollectionId"), _rekognition_image(b), _field(b, "ExternalImageId"))
-    return {"FaceRecords": [{"Face": {"FaceId": face_id, "ExternalImageId": b["ExternalImageId"]}}]}
-
-
-def _create_collection(s: FaceCollection, b: Json) -> Json:
-    s.create_collection(_field(b, "CollectionId"))
-    return {"StatusCode": 200}
-
-
-def _delete_collection(s: FaceCollection, b: Json) -> Json:
-    s.delete_collection(_field(b, "CollectionId"))
-    return {"StatusCode": 200}
-
-
-REKOGNITION_ACTIONS: dict[str, Callable[[FaceCollection, Json], Json]] = {
-    "CreateCollection": _create_collection,
-    "DeleteCollection": _delete_collection,
-    "ListCollections": lambda s, b: {"CollectionIds": s.list_collections()},
-    "IndexFaces": _index,
-    "SearchFacesByImage": _search,
-    "ListFaces": lambda s, b: {"Faces": [_face_json(f) for f in s.list_faces(_field(b, "CollectionId"))]},
-    "DeleteFaces": lambda s, b: {"DeletedFaces": s.delete_faces(_field(b, "CollectionId"), _field(b, "FaceIds"))},
-}
 
 
 def _identify(s: PersonGroupService, b: Json) -> Json:
@@ -272,12 +236,19 @@ def _admin(service: ServiceCore, action: str) -> Json | None:
 
 @dataclass(frozen=True)
 class ServiceEndpoint:
-    """Where a served service answers (``http://127.0.0.1:<port>``) and the secret its server accepts.
+    """Where a served service answers (``http://127.0.0.1:<port>``), the secret its server accepts and the
+    region it answers for. AWS SDKs take ``url`` as ``endpoint_url``, :attr:`access_key_id` and ``secret`` as
+    credentials, and ``region`` as the region name.
 
     The secret is left out of ``repr`` (and so of log lines and tracebacks)."""
 
     url: str
     secret: str = field(repr=False)
+    region: str = DEFAULT_REGION
+
+    @property
+    def access_key_id(self) -> str:
+        return ACCESS_KEY_ID
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -291,6 +262,8 @@ class ServiceEndpoint:
             raise ValueError("a service endpoint needs the server's secret (ServiceServer.secret)")
         if not _TOKEN.fullmatch(self.secret):
             raise ValueError("the server's secret may hold only letters, digits and -._~+/= (a Bearer token)")
+        if not _REGION.fullmatch(self.region):
+            raise ValueError(f"region must look like us-east-1, got {self.region!r}")
 
 
 class _Server(ThreadingHTTPServer):
@@ -298,9 +271,12 @@ class _Server(ThreadingHTTPServer):
     rekognition: FaceCollection | None = None
     face: PersonGroupService | None = None
 
-    def __init__(self, address: tuple[str, int], secret: str) -> None:
+    def __init__(self, address: tuple[str, int], secret: str, region: str, clock: Callable[[], float]) -> None:
         super().__init__(address, _Handler)
         self.secret = secret.encode("ascii")
+        self.secret_text = secret
+        self.region = region
+        self.clock = clock
         self.host_header = f"{LOOPBACK}:{self.server_address[1]}"
         self.refusals: Counter[str] = Counter()
         self.refusals_lock = threading.Lock()
@@ -344,10 +320,15 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: a benchmark must not print a line per query (debug level for those who ask)."""
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+    _wire = "plain"  # "aws" while answering a Rekognition request (set per request: connections are kept alive)
+    _request_id = ""
+
+    def _reply(
+        self, status: int, payload: object, headers: dict[str, str] | None = None, media: str = "application/json"
+    ) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", media)
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -355,15 +336,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, exc: ServiceError) -> None:
-        payload: Json = {"__type": exc.code, "message": str(exc)}
-        headers = {}
+        headers = {"Connection": "close"}
+        if self._wire == "aws":
+            status, payload = rekognition_wire.error_reply(exc, str(uuid.uuid4()))
+            headers["x-amzn-RequestId"] = self._request_id
+        else:
+            status, payload = exc.http_status, {"__type": exc.code, "message": str(exc)}
+            if isinstance(exc, UnauthorizedError):
+                headers["WWW-Authenticate"] = 'Bearer realm="cloakbench-services"'
         if isinstance(exc, ThrottlingError):
             payload["RetryAfterSeconds"] = exc.retry_after_s
             headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        if isinstance(exc, UnauthorizedError):
-            headers["WWW-Authenticate"] = 'Bearer realm="cloakbench-services"'
         self.close_connection = True
-        self._reply(exc.http_status, payload, headers)
+        self._reply(status, payload, headers, self._media())
+
+    def _media(self) -> str:
+        return rekognition_wire.CONTENT_TYPE if self._wire == "aws" else "application/json"
 
     def _answer(self, work: Callable[[], Json]) -> None:
         """Reply with ``work()``, or with the error it raised; a client that hung up gets nothing."""
@@ -379,13 +367,13 @@ class _Handler(BaseHTTPRequestHandler):
                 log.error("internal error answering %s %s", self.command, self.path, exc_info=True)
                 self._error(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
                 return
-            self._reply(200, payload)
+            headers = {"x-amzn-RequestId": self._request_id} if self._wire == "aws" else {}
+            self._reply(200, payload, headers, self._media())
         except ConnectionError as exc:
             self.close_connection = True
             log.debug("client %s hung up: %s", self.client_address, exc)
 
-    def _check_caller(self, *, needs_secret: bool, needs_json: bool) -> None:
-        """Refuse (and count) a request that did not come from the run's own client; see the module docstring."""
+    def _check_host(self) -> None:
         server = self.server
         hosts = self.headers.get_all("Host") or []
         if hosts != [server.host_header]:
@@ -395,6 +383,20 @@ class _Handler(BaseHTTPRequestHandler):
                     f"request refused: Host {_shown(hosts)} is not this server's address ({server.host_header})"
                 ),
             )
+
+    def _check_media(self, expected: str) -> None:
+        types = self.headers.get_all("Content-Type") or []
+        media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
+        if media != expected:
+            raise self.server.refuse(
+                "content-type",
+                UnsupportedMediaTypeError(f"request refused: Content-Type must be {expected}, got {_shown(types)}"),
+            )
+
+    def _check_caller(self, *, needs_secret: bool, needs_json: bool) -> None:
+        """Refuse (and count) a request that did not come from the run's own client; see the module docstring."""
+        server = self.server
+        self._check_host()
         if needs_secret:
             auth = self.headers.get_all("Authorization") or []
             if len(auth) != 1 or not _secret_matches(auth[0], server.secret):
@@ -406,15 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
                     ),
                 )
         if needs_json:
-            types = self.headers.get_all("Content-Type") or []
-            media = types[0].split(";", 1)[0].strip().lower() if len(types) == 1 else ""
-            if media != "application/json":
-                raise server.refuse(
-                    "content-type",
-                    UnsupportedMediaTypeError(
-                        f"request refused: Content-Type must be application/json, got {_shown(types)}"
-                    ),
-                )
+            self._check_media("application/json")
 
     def _drain(self) -> None:
         """Read and drop a refused request's body, so that closing the socket does not reset the connection
@@ -452,7 +446,21 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return raw
 
+    def _json(self, raw: bytes) -> Json:
+        try:
+            body = json.loads(raw, parse_int=_parse_int) if raw else {}
+        except RecursionError:
+            raise InvalidParameterError("request body is not valid JSON (it nests too deeply)") from None
+        except InvalidParameterError:  # from _parse_int (a ValueError too: keep its own message)
+            raise
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise InvalidParameterError(f"request body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise InvalidParameterError("request body must be a JSON object")
+        return body
+
     def do_GET(self) -> None:
+        self._wire = "plain"
         self._answer(self._get)
 
     def _get(self) -> Json:
@@ -469,7 +477,51 @@ class _Handler(BaseHTTPRequestHandler):
         raise UnknownOperationError(f"GET {path}: no such resource (try /usage or /health)")
 
     def do_POST(self) -> None:
-        self._answer(self._post)
+        self._wire = "aws" if urllib.parse.urlsplit(self.path).path == "/" else "plain"
+        self._request_id = str(uuid.uuid4())
+        self._answer(self._aws if self._wire == "aws" else self._post)
+
+    def _aws(self) -> Json:
+        """One Amazon Rekognition JSON-protocol request: host, content type, SigV4, then the action."""
+        server = self.server
+        read = False
+
+        def read_body() -> bytes:
+            nonlocal read
+            read = True
+            return self._read_body()
+
+        try:
+            self._check_host()
+            self._check_media(rekognition_wire.CONTENT_TYPE)
+            headers: dict[str, list[str]] = {}
+            for name, value in self.headers.items():
+                headers.setdefault(name.lower(), []).append(value)
+            try:
+                raw = sigv4.verify(
+                    "POST", self.path, headers, read_body, access_key_id=ACCESS_KEY_ID, secret=server.secret_text,
+                    region=server.region, service=rekognition_wire.SIGNING_NAME, now=server.clock(),
+                )  # fmt: skip
+            except UnauthorizedError as exc:
+                raise server.refuse("secret", exc) from None
+        except RequestRefusedError:
+            if not read:
+                self._drain()
+            raise
+        targets = self.headers.get_all("X-Amz-Target") or []
+        target = targets[0] if len(targets) == 1 else ""
+        action = target.removeprefix(rekognition_wire.TARGET_PREFIX)
+        if (
+            server.rekognition is None
+            or not target.startswith(rekognition_wire.TARGET_PREFIX)
+            or (action not in rekognition_wire.ACTIONS)
+        ):
+            served = ", ".join(rekognition_wire.TARGET_PREFIX + a for a in rekognition_wire.ACTIONS)
+            what = "no Rekognition collection" if server.rekognition is None else served
+            raise UnknownOperationError(
+                f"X-Amz-Target {_shown(targets)} is not an operation this server serves (it serves {what})"
+            )
+        return rekognition_wire.ACTIONS[action](server.rekognition, self._json(raw))
 
     def _post(self) -> Json:
         try:
@@ -480,26 +532,20 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         parts = urllib.parse.urlsplit(self.path).path.strip("/").split("/")
         if len(parts) != 2:
-            raise UnknownOperationError(f"POST {self.path}: expected /rekognition/<Action> or /face/<Action>")
+            raise UnknownOperationError(
+                f"POST {self.path}: expected / (Amazon Rekognition's protocol), /rekognition/<Admin> or /face/<Action>"
+            )
         api, action = parts
-        try:
-            body = json.loads(raw, parse_int=_parse_int) if raw else {}
-        except RecursionError:
-            raise InvalidParameterError("request body is not valid JSON (it nests too deeply)") from None
-        except InvalidParameterError:  # from _parse_int (a ValueError too: keep its own message)
-            raise
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise InvalidParameterError(f"request body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise InvalidParameterError("request body must be a JSON object")
+        body = self._json(raw)
         if api == "rekognition" and self.server.rekognition is not None:
-            rekognition = self.server.rekognition
-            admin = _admin(rekognition, action)
+            admin = _admin(self.server.rekognition, action)
             if admin is not None:
                 return admin
-            if action in REKOGNITION_ACTIONS:
-                return REKOGNITION_ACTIONS[action](rekognition, body)
-        elif api == "face" and self.server.face is not None:
+            raise UnknownOperationError(
+                f"POST /rekognition/{action}: Rekognition operations use Amazon Rekognition's protocol (POST / with "
+                "X-Amz-Target: RekognitionService.<Action>); this path serves QueryCounts, ResetQueryCounts, Describe"
+            )
+        if api == "face" and self.server.face is not None:
             face = self.server.face
             admin = _admin(face, action)
             if admin is not None:
@@ -513,17 +559,24 @@ class ServiceServer:
     """A ThreadingHTTPServer on 127.0.0.1 serving one :class:`FaceCollection` and/or one
     :class:`PersonGroupService`; ``port=0`` picks a free ephemeral port. It answers only requests that
     carry its :attr:`secret` (a fresh random one unless given); :attr:`endpoint` is what a client needs.
-    Use :func:`serve` for a context-managed one."""
+    Rekognition requests must be signed for ``region``; ``clock`` (seconds since the epoch) is what their
+    ``X-Amz-Date`` is checked against. Use :func:`serve` for a context-managed one."""
 
     def __init__(
-        self, *services: FaceCollection | PersonGroupService, port: int = 0, secret: str | None = None
+        self,
+        *services: FaceCollection | PersonGroupService,
+        port: int = 0,
+        secret: str | None = None,
+        region: str = DEFAULT_REGION,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not services:
             raise ValueError("ServiceServer needs at least one service to serve")
         secret = secrets.token_urlsafe(SECRET_BYTES) if secret is None else secret
-        ServiceEndpoint(f"http://{LOOPBACK}:1", secret)  # checks the secret before binding a port
-        self._httpd = _Server((LOOPBACK, port), secret)
+        ServiceEndpoint(f"http://{LOOPBACK}:1", secret, region)  # checks both before binding a port
+        self._httpd = _Server((LOOPBACK, port), secret, region, clock)
         self._secret = secret
+        self._region = region
         for service in services:
             if isinstance(service, FaceCollection) and self._httpd.rekognition is None:
                 self._httpd.rekognition = service
@@ -548,12 +601,16 @@ class ServiceServer:
 
     @property
     def secret(self) -> str:
-        """The token clients send as ``Authorization: Bearer <secret>``."""
+        """The Rekognition route's secret access key, and elsewhere the token sent as ``Authorization: Bearer``."""
         return self._secret
 
     @property
+    def region(self) -> str:
+        return self._region
+
+    @property
     def endpoint(self) -> ServiceEndpoint:
-        return ServiceEndpoint(self.base_url, self._secret)
+        return ServiceEndpoint(self.base_url, self._secret, self._region)
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -607,11 +664,24 @@ def _json_default(value: object) -> object:
     raise InvalidParameterError(f"cannot send a {type(value).__name__} to a service (not JSON)")
 
 
-def _encode_image(image: object, what: str) -> str:
+def _image_bytes(image: object, what: str) -> bytes:
     """PNG bytes pass through as they are (the server checks them); tensors are checked and encoded here."""
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(image)).decode("ascii")
-    return base64.b64encode(encode_png(image_to_uint8(image, what=what))).decode("ascii")
+        return bytes(image)
+    return encode_png(image_to_uint8(image, what=what))
+
+
+def _encode_image(image: object, what: str) -> str:
+    return base64.b64encode(_image_bytes(image, what)).decode("ascii")
+
+
+def _raise_error(action: str, status: int, reply: object, code: str, message: str) -> None:
+    cls = ERROR_TYPES.get(code, ServiceError)
+    message = message or f"HTTP {status}"
+    if cls is ThrottlingError:
+        retry = reply.get("RetryAfterSeconds", 0.0) if isinstance(reply, dict) else 0.0
+        raise ThrottlingError(message, retry_after_s=float(retry))
+    raise cls(message)
 
 
 class _Client:
@@ -626,15 +696,15 @@ class _Client:
         parts = urllib.parse.urlsplit(endpoint.url)
         assert parts.hostname is not None and parts.port is not None  # ServiceEndpoint checked both
         self.base_url = endpoint.url.rstrip("/")
+        self._endpoint = endpoint
         self._host, self._port = parts.hostname, parts.port
         self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {endpoint.secret}"}
         self.timeout = timeout
 
-    def _post(self, action: str, payload: Json) -> Json:
-        body = json.dumps(payload, default=_json_default).encode()
+    def _send(self, action: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, object]:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
-            conn.request("POST", f"/{self.api}/{action}", body=body, headers=self._headers)
+            conn.request("POST", path, body=body, headers=headers)
             response = conn.getresponse()
             status, data = response.status, response.read()
         except OSError as exc:
@@ -642,18 +712,19 @@ class _Client:
         finally:
             conn.close()
         try:
-            reply = json.loads(data)
+            return status, json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ServiceError(f"{action}: HTTP {status} with a body that is not JSON: {data[:200]!r}") from None
+
+    def _post(self, action: str, payload: Json) -> Json:
+        body = json.dumps(payload, default=_json_default).encode()
+        status, reply = self._send(action, f"/{self.api}/{action}", body, self._headers)
         if status == 200 and isinstance(reply, dict):
             return reply
         if not isinstance(reply, dict):
             raise ServiceError(f"{action}: HTTP {status}: unexpected reply {reply!r}")
-        cls = ERROR_TYPES.get(str(reply.get("__type")), ServiceError)
-        message = str(reply.get("message", f"HTTP {status}"))
-        if cls is ThrottlingError:
-            raise ThrottlingError(message, retry_after_s=float(reply.get("RetryAfterSeconds", 0.0)))
-        raise cls(message)
+        _raise_error(action, status, reply, str(reply.get("__type")), str(reply.get("message", "")))
+        raise AssertionError("unreachable")
 
     def query_counts(self) -> dict[str, int]:
         counts = self._post("QueryCounts", {})["QueryCounts"]
@@ -667,18 +738,56 @@ class _Client:
 
 
 class CollectionClient(_Client):
-    """:class:`~.base.CollectionAPI` over HTTP (the server's ``/rekognition`` endpoints)."""
+    """:class:`~.base.CollectionAPI` over Amazon Rekognition's JSON protocol, signed with SigV4 (stdlib only;
+    ``transport: aws`` uses boto3 instead, see :mod:`.aws`). Lists follow ``NextToken`` to the end."""
 
     api = "rekognition"
 
+    def _call(self, action: str, payload: Json) -> Json:
+        body = json.dumps(payload, default=_json_default).encode()
+        headers = {
+            "Content-Type": rekognition_wire.CONTENT_TYPE,
+            "X-Amz-Target": rekognition_wire.TARGET_PREFIX + action,
+        }
+        endpoint = self._endpoint
+        signed = sigv4.sign(
+            "POST", f"{self.base_url}/", headers, body, access_key_id=endpoint.access_key_id, secret=endpoint.secret,
+            region=endpoint.region, service=rekognition_wire.SIGNING_NAME,
+        )  # fmt: skip
+        status, reply = self._send(action, "/", body, signed)
+        if status == 200 and isinstance(reply, dict):
+            return reply
+        code, message = rekognition_wire.error_code(reply), rekognition_wire.error_message(reply)
+        _raise_error(action, status, reply, code, message)
+        raise AssertionError("unreachable")
+
+    def _pages(self, action: str, payload: Json, key: str) -> list[Any]:
+        items: list[Any] = []
+        token: str | None = None
+        while True:
+            reply = self._call(action, payload if token is None else {**payload, "NextToken": token})
+            items += reply[key]
+            token = reply.get("NextToken")
+            if token is None:
+                return items
+
     def create_collection(self, collection_id: str) -> None:
-        self._post("CreateCollection", {"CollectionId": collection_id})
+        self._call("CreateCollection", {"CollectionId": collection_id})
 
     def delete_collection(self, collection_id: str) -> None:
-        self._post("DeleteCollection", {"CollectionId": collection_id})
+        self._call("DeleteCollection", {"CollectionId": collection_id})
 
     def list_collections(self) -> list[str]:
-        return [str(c) for c in self._post("ListCollections", {})["CollectionIds"]]
+        return [str(c) for c in self._pages("ListCollections", {}, "CollectionIds")]
+
+    def describe_collection(self, collection_id: str) -> CollectionInfo:
+        reply = self._call("DescribeCollection", {"CollectionId": collection_id})
+        created = reply.get("CreationTimestamp")
+        return CollectionInfo(
+            face_count=int(reply["FaceCount"]),
+            face_model_version=str(reply["FaceModelVersion"]),
+            created=None if created is None else float(created),
+        )
 
     def index_faces(self, collection_id: str, image: ImageInput, external_image_id: str) -> str:
         payload = {
@@ -686,7 +795,7 @@ class CollectionClient(_Client):
             "Image": {"Bytes": _encode_image(image, "image")},
             "ExternalImageId": external_image_id,
         }
-        return str(self._post("IndexFaces", payload)["FaceRecords"][0]["Face"]["FaceId"])
+        return str(self._call("IndexFaces", payload)["FaceRecords"][0]["Face"]["FaceId"])
 
     def search_faces_by_image(
         self,
@@ -702,19 +811,19 @@ class CollectionClient(_Client):
             "MaxFaces": max_faces,
             "FaceMatchThreshold": face_match_threshold,
         }
-        reply = self._post("SearchFacesByImage", payload)
+        reply = self._call("SearchFacesByImage", payload)
         return [
             FaceMatch(str(m["Face"]["FaceId"]), str(m["Face"]["ExternalImageId"]), float(m["Similarity"]))
             for m in reply["FaceMatches"]
         ]
 
     def list_faces(self, collection_id: str) -> list[Face]:
-        reply = self._post("ListFaces", {"CollectionId": collection_id})
-        return [Face(str(f["FaceId"]), str(f["ExternalImageId"])) for f in reply["Faces"]]
+        faces = self._pages("ListFaces", {"CollectionId": collection_id}, "Faces")
+        return [Face(str(f["FaceId"]), str(f["ExternalImageId"])) for f in faces]
 
     def delete_faces(self, collection_id: str, face_ids: Sequence[str]) -> list[str]:
         ids = face_ids if isinstance(face_ids, str) else list(face_ids)  # a str is refused by the server
-        reply = self._post("DeleteFaces", {"CollectionId": collection_id, "FaceIds": ids})
+        reply = self._call("DeleteFaces", {"CollectionId": collection_id, "FaceIds": ids})
         return [str(f) for f in reply["DeletedFaces"]]
 
 

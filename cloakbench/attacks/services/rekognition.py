@@ -1,7 +1,8 @@
 """A Rekognition-like face collection service backed by any zoo recognizer.
 
 Operations (wire names as Amazon Rekognition's): ``CreateCollection``, ``DeleteCollection``,
-``ListCollections``, ``IndexFaces``, ``SearchFacesByImage``, ``ListFaces``, ``DeleteFaces``.
+``ListCollections``, ``DescribeCollection``, ``IndexFaces``, ``SearchFacesByImage``, ``ListFaces``,
+``DeleteFaces``. Face ids are lower-case UUIDs, as Rekognition's.
 
 ``search_faces_by_image`` embeds the probe with the backing model, scores every indexed face by
 ``similarity = 100 * (cos + 1) / 2`` of the unit embeddings (:data:`~.base.SIMILARITY_MAPPING`), keeps
@@ -23,6 +24,7 @@ from cloakbench.attacks.services.base import (
     DEFAULT_FACE_MATCH_THRESHOLD,
     DEFAULT_MAX_FACES,
     MAX_MAX_FACES,
+    CollectionInfo,
     Face,
     FaceMatch,
     ImageInput,
@@ -47,6 +49,7 @@ class _IndexedFace:
 
 @dataclass
 class _Collection:
+    created: float  # seconds since the epoch (DescribeCollection's CreationTimestamp)
     faces: dict[str, _IndexedFace] = field(default_factory=dict)
     _matrix: torch.Tensor | None = None  # [N, D] stacked embeddings, rebuilt after changes
 
@@ -93,7 +96,7 @@ class FaceCollection(ServiceCore):
         with self._call("CreateCollection"), self._lock:
             if collection_id in self._collections:
                 raise ResourceAlreadyExistsError(f"collection {collection_id!r} already exists")
-            self._collections[collection_id] = _Collection()
+            self._collections[collection_id] = _Collection(created=time.time())
 
     def delete_collection(self, collection_id: str) -> None:
         check_id(collection_id, what="collection_id", kind="collection")
@@ -104,6 +107,16 @@ class FaceCollection(ServiceCore):
     def list_collections(self) -> list[str]:
         with self._call("ListCollections"), self._lock:
             return sorted(self._collections)
+
+    def describe_collection(self, collection_id: str) -> CollectionInfo:
+        check_id(collection_id, what="collection_id", kind="collection")
+        with self._call("DescribeCollection"), self._lock:
+            collection = self._get(collection_id)
+            return CollectionInfo(
+                face_count=len(collection.faces),
+                face_model_version=self.face_model_version,
+                created=collection.created,
+            )
 
     def index_faces(self, collection_id: str, image: ImageInput, external_image_id: str) -> str:
         """Index one aligned face under ``external_image_id`` (e.g. the identity); returns its new face id."""
@@ -162,7 +175,9 @@ class FaceCollection(ServiceCore):
         check_id(collection_id, what="collection_id", kind="collection")
         if isinstance(face_ids, (str, bytes)) or not isinstance(face_ids, Sequence) or not face_ids:
             raise InvalidParameterError(f"face_ids: expected a non-empty list of face ids, got {face_ids!r}")
-        ids = [check_id(f, what=f"face_ids[{i}]", kind="plain") for i, f in enumerate(face_ids)]
+        if len(face_ids) > MAX_MAX_FACES:
+            raise InvalidParameterError(f"face_ids: {len(face_ids)} ids; at most {MAX_MAX_FACES} per call")
+        ids = [check_id(f, what=f"face_ids[{i}]", kind="uuid") for i, f in enumerate(face_ids)]
         with self._call("DeleteFaces"), self._lock:
             collection = self._get(collection_id)
             deleted = [f for f in dict.fromkeys(ids) if collection.faces.pop(f, None) is not None]

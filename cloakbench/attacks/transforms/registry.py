@@ -6,8 +6,10 @@ from typing import Any
 
 from cloakbench.attacks.transforms.base import ConfiguredTransform, Identity, InputTransform
 from cloakbench.attacks.transforms.filters import GaussianBlur, MedianFilter
+from cloakbench.attacks.transforms.grayscale import Grayscale
 from cloakbench.attacks.transforms.jpeg import JPEG
 from cloakbench.attacks.transforms.quantization import BitDepth, GaussianNoise
+from cloakbench.attacks.transforms.realign import Realign
 from cloakbench.attacks.transforms.resize import Resize
 from cloakbench.registry import EntryMeta, NoParams, Registry
 
@@ -49,4 +51,17 @@ _register(
 _register(
     GaussianNoise,
     EntryMeta(summary="additive Gaussian noise of sigma (0..1 units, default 0.02) from the run's seed, 8-bit"),
+)
+_register(
+    Grayscale,
+    EntryMeta(summary="greyscale with Pillow convert('L') (ITU-R BT.601 luma), copied to the 3 channels"),
+)
+_register(
+    Realign,
+    EntryMeta(
+        summary=(
+            "re-alignment: mode jitter (default; seeded random rotation/scale/shift within rotation 4 deg, "
+            "scale 0.11, shift 0.03, bilinear) or detect (YuNet/dlib re-detection, re-aligned to the ArcFace template)"
+        )
+    ),
 )

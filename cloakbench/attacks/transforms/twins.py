@@ -303,3 +303,120 @@ class ResizeTwin(DifferentiableTwin):
         cols = area_matrix(w, small_w).to(images)
         small = rows @ images @ cols.T
         return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------- grayscale
+
+BT601_LUMA = (0.299, 0.587, 0.114)
+"""The ITU-R BT.601 luma weights of R, G and B: Pillow's ``convert("L")``, OpenCV's ``COLOR_RGB2GRAY`` and the Y of
+JPEG's YCbCr (:func:`rgb_to_ycbcr`) all use them."""
+
+
+class GrayscaleTwin(DifferentiableTwin):
+    """``Y = 0.299 R + 0.587 G + 0.114 B`` copied to the three channels: the real transform's linear map without its
+    8-bit roundings, so exactly differentiable (its Jacobian is the map itself)."""
+
+    name = "grayscale"
+
+    def _forward(self, images: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        weights = torch.tensor(BT601_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        luma = (images * weights).sum(dim=1, keepdim=True)
+        return luma.expand_as(images).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ realign
+
+
+def draw_similarities(
+    count: int, generator: torch.Generator, *, rotation: float, scale: float, shift: float
+) -> torch.Tensor:
+    """``count`` random similarity transforms as rows (angle in degrees, scale factor, x shift, y shift as fractions
+    of the side), float64 on the CPU, each uniform within its bound: angle in [-rotation, rotation], scale in
+    [1 - scale, 1 + scale], shifts in [-shift, shift].
+
+    One ``torch.rand`` of ``[count, 4]`` from ``generator`` (on the generator's device): the real ``realign``
+    transform and its twin draw the same transforms from generators in the same state.
+    """
+    u = torch.rand((count, 4), generator=generator, device=generator.device, dtype=torch.float64).cpu()
+    centred = 2.0 * u - 1.0
+    bounds = torch.tensor([rotation, scale, shift, shift], dtype=torch.float64)
+    draws = centred * bounds
+    draws[:, 1] += 1.0
+    return draws
+
+
+def similarity_matrices(draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The ``[N, 2, 3]`` forward matrices (source pixel -> destination pixel, OpenCV's ``warpAffine`` convention,
+    pixel centres at integers, float64) of :func:`draw_similarities` rows for an image of ``height`` x ``width``.
+
+    Each rotates by the angle (counter-clockwise as seen on screen for a positive angle, OpenCV's
+    ``getRotationMatrix2D`` convention) and scales about the image centre ``((W - 1) / 2, (H - 1) / 2)``, then
+    shifts by ``(dx W, dy H)`` pixels.
+    """
+    angle = torch.deg2rad(draws[:, 0])
+    s = draws[:, 1]
+    a, b = s * torch.cos(angle), s * torch.sin(angle)
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    tx = cx - a * cx - b * cy + draws[:, 2] * width
+    ty = cy + b * cx - a * cy + draws[:, 3] * height
+    row0 = torch.stack((a, b, tx), dim=1)
+    row1 = torch.stack((-b, a, ty), dim=1)
+    return torch.stack((row0, row1), dim=1)
+
+
+def sampling_grid_theta(forward: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``theta`` for ``F.affine_grid(..., align_corners=False)`` that makes ``F.grid_sample`` warp as
+    ``cv2.warpAffine(image, forward)`` does: each output pixel reads the input at ``forward^-1`` of its centre.
+
+    Normalised coordinates (``align_corners=False``) put pixel ``x`` at ``(2 x + 1) / W - 1``; theta is
+    normalise . forward^-1 . denormalise, in float64.
+    """
+    n = forward.shape[0]
+    full = torch.zeros((n, 3, 3), dtype=torch.float64)
+    full[:, :2] = forward.to(torch.float64)
+    full[:, 2, 2] = 1.0
+    inverse = torch.linalg.inv(full)
+    to_pixels = torch.tensor(
+        [[width / 2.0, 0.0, (width - 1) / 2.0], [0.0, height / 2.0, (height - 1) / 2.0], [0.0, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
+    to_normalised = torch.linalg.inv(to_pixels)
+    theta: torch.Tensor = (to_normalised @ inverse @ to_pixels)[:, :2]
+    return theta
+
+
+def check_jitter_bounds(*, rotation: float, scale: float, shift: float) -> None:
+    """The bounds ``realign``'s jitter accepts: rotation in [0, 180] degrees, scale and shift in [0, 1)."""
+    require(math.isfinite(rotation) and 0 <= rotation <= 180, f"rotation must be in [0, 180] degrees, got {rotation}")
+    require(math.isfinite(scale) and 0 <= scale < 1, f"scale must be in [0, 1), got {scale}")
+    require(math.isfinite(shift) and 0 <= shift < 1, f"shift must be in [0, 1) (a fraction of the side), got {shift}")
+
+
+class RealignJitterTwin(DifferentiableTwin):
+    """The ``realign`` transform's jitter mode in torch: the same random similarity per image (drawn by
+    :func:`draw_similarities` from the generator passed in), warped with ``F.affine_grid`` and bilinear
+    ``F.grid_sample`` with zeros outside the image (OpenCV's ``INTER_LINEAR`` with a constant black border).
+
+    Differentiable in the image (bilinear sampling is linear in it); the geometry is drawn, not optimised. A
+    generator is required: a stochastic twin without one would have to draw from the global RNG.
+    Left out: the 8-bit roundings, and OpenCV's fixed-point coordinates (1/32 px) and interpolation weights.
+    """
+
+    name = "realign"
+
+    def __init__(self, *, rotation: float, scale: float, shift: float) -> None:
+        check_jitter_bounds(rotation=rotation, scale=scale, shift=shift)
+        self.rotation = rotation
+        self.scale = scale
+        self.shift = shift
+
+    def _forward(self, images: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            raise ValueError("realign twin: draws a random transform per image; pass generator=")
+        if self.rotation == 0 and self.scale == 0 and self.shift == 0:
+            return images.clone()
+        b, _, h, w = images.shape
+        draws = draw_similarities(b, generator, rotation=self.rotation, scale=self.scale, shift=self.shift)
+        theta = sampling_grid_theta(similarity_matrices(draws, h, w), h, w).to(images)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -219,10 +219,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
         if kind == "suites":
             payload[kind] = [{"name": n, "origin": "built-in"} for n in builtin_suites()]
         elif kind == "services":  # suite key services[].kind; every one is backed by any recognizer
-            transports = ", ".join(t.value for t in Transport)
+
+            def transports(kind: ServiceKind) -> str:  # transport aws is Amazon Rekognition only
+                usable = [t for t in Transport if t is not Transport.AWS or kind is ServiceKind.REKOGNITION]
+                return ", ".join(t.value for t in usable)
+
             payload[kind] = [
                 {"name": s.value, "summary": _SERVICE_SUMMARIES.get(s.value, ""), "origin": "built-in",
-                 "details": {"transports": transports, "backend": "any recognizer (services[].backend)"}}
+                 "details": {"transports": transports(s), "backend": "any recognizer (services[].backend)"}}
                 for s in ServiceKind
             ]  # fmt: skip
         elif kind == "protocols":

@@ -4,8 +4,9 @@ headline numbers stored in ``docs/reproduction/facecure-tiny.json``.
 The stored numbers change only through ``python scripts/reproduce.py facecure-tiny --update``; this test never
 writes them (it checks that the file is untouched). The run gets its own empty artifact cache (model files
 shared), so every cloak, embedding and retrained model is made again. Tolerance: one query photo per cell
-(the rates are over 6 photos, so 1/6): another CPU may flip a photo on a decision boundary, a regression in
-a defense, a tracker or the protocol flips many. On top of the stored numbers, the pattern must hold in this
+(the rates are over 6 photos, so 1/6), two for the cells of retrained trackers (measured: 2 of 6 across an
+AMD EPYC and an Intel Xeon): another CPU may flip a photo on a decision boundary, a regression in a defense, a
+tracker or the protocol flips many. On top of the stored numbers, the pattern must hold in this
 run: high protection against the baseline trackers, far less when half the user's photos are left clean, and
 far less against FaceCure's adaptive tracker.
 """
@@ -27,6 +28,8 @@ from cloakbench.reports.reproduction import PUBLISHED, compare, headline, portab
 ROOT = Path(__file__).resolve().parents[1]
 STORED = ROOT / "docs" / "reproduction" / "facecure-tiny.json"
 SUITE = ROOT / "suites" / "facecure-tiny.yaml"
+RETRAINED = frozenset({"end-to-end", "adaptive", "adaptive-end-to-end"})
+"""Countermeasures that retrain the tracker (a cell is keyed protocol/defense/recognizer/countermeasure/...)."""
 
 
 def rate(numbers: dict[str, object], defense: str, countermeasure: str, classifier: str = "nearest-neighbour") -> float:
@@ -47,7 +50,14 @@ def test_facecure_tiny_reproduces_its_stored_numbers(
     assert main(["run", str(SUITE), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     fresh = headline(load_run(tmp_path / "run"))
 
-    assert compare(stored, fresh, photos=1) == []
+    # a retrained tracker's cells get two photos: its training sums floats in the CPU's order, and the adaptive
+    # tracker's linear cell moved by 2 of 6 photos between the AMD EPYC that stored the numbers (0.33) and an Intel
+    # Xeon (0.00, CI of 2026-12-02); every other cell matched within one photo there
+    def retrained(problem: str) -> bool:
+        return problem.split(":")[0].split("/")[3] in RETRAINED
+
+    assert [p for p in compare(stored, fresh, photos=1) if not retrained(p)] == []
+    assert [p for p in compare(stored, fresh, photos=2) if retrained(p)] == []
     for numbers in (stored, fresh):
         for clf in ("nearest-neighbour", "linear"):
             for defense in ("fawkes-v1-high", "lowkey"):  # stored: 1.00 for both, both classifiers

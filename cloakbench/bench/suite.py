@@ -172,6 +172,8 @@ class Transport(enum.Enum):
 _AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 _COLLECTION_PREFIX = re.compile(r"[a-zA-Z0-9_.\-]{1,200}")
 DEFAULT_COLLECTION_PREFIX = "cloakbench-"
+_AWS_ONLY = ("region", "collection_prefix", "endpoint")
+"""ServiceSpec keys that only transport aws takes (null for the others, left out of the resolved suite)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +314,10 @@ class Suite:
             del plain["models"]
         if not self.plugins:  # likewise for a suite without plug-ins
             del plain["plugins"]
+        for service in plain["services"]:  # and a service that is not Amazon's (its aws-only keys are all null)
+            if service["transport"] != Transport.AWS.value:
+                for key in _AWS_ONLY:
+                    del service[key]
         return plain
 
 

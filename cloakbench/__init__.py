@@ -53,22 +53,7 @@ __all__ = [
     "run_suite",
 ]
 
-_API_FUNCTIONS = frozenset(
-    {
-        "create_defense",
-        "create_recognizer",
-        "create_transform",
-        "entries",
-        "load_plugin",
-        "load_results",
-        "load_suite",
-        "register_adaptation",
-        "register_defense",
-        "register_recognizer",
-        "register_transform",
-        "run_suite",
-    }
-)
+_API_FUNCTIONS = frozenset(__all__) - {"__version__", "api"}
 """The functions of :mod:`cloakbench.api` this package re-exports (lazily)."""
 
 

@@ -51,25 +51,32 @@ class ImageDecodeError(ImageContractError):
     """An image file decodes, but its pixels have no known range (or depth) to scale to 0..255."""
 
 
-def check_images(images: object, *, what: str = "images", atol: float = 1e-6) -> torch.Tensor:
-    """Validate the canonical image contract and return the tensor unchanged.
-
-    Raises :class:`ImageContractError` naming ``what`` and the first violated rule.
-    """
+def check_image_layout(images: object, *, what: str = "images") -> torch.Tensor:
+    """The type, dtype and shape rules of the contract only: no value is read (so no host synchronisation on a
+    GPU; :func:`check_images` checks the values too). Returns the tensor unchanged."""
     if not isinstance(images, torch.Tensor):
         raise ImageContractError(f"{what}: expected a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.float32:
         raise ImageContractError(f"{what}: expected dtype float32, got {images.dtype}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ImageContractError(f"{what}: expected shape [B, 3, H, W], got {list(images.shape)}")
-    if images.numel() == 0:
-        return images
-    if not bool(torch.isfinite(images.detach()).all()):
+    return images
+
+
+def check_images(images: object, *, what: str = "images", atol: float = 1e-6) -> torch.Tensor:
+    """Validate the canonical image contract and return the tensor unchanged.
+
+    Raises :class:`ImageContractError` naming ``what`` and the first violated rule.
+    """
+    tensor = check_image_layout(images, what=what)
+    if tensor.numel() == 0:
+        return tensor
+    if not bool(torch.isfinite(tensor.detach()).all()):
         raise ImageContractError(f"{what}: contains NaN or infinite values")
-    lo, hi = float(images.detach().min()), float(images.detach().max())
+    lo, hi = float(tensor.detach().min()), float(tensor.detach().max())
     if lo < -atol or hi > 1 + atol:
         raise ImageContractError(f"{what}: values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-    return images
+    return tensor
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

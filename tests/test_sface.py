@@ -77,3 +77,52 @@ def test_fused_network_equals_the_plain_one(faces: torch.Tensor) -> None:
         x = faces[:8] * 255
         diff = float((plain(x) - fused(x)).abs().max() / plain(x).abs().max())
     assert diff < 1e-5, diff
+
+
+def test_frozen_prelu_is_the_relu_form_bit_for_bit(faces: torch.Tensor) -> None:
+    """The fused network's PReLU computes exactly what the relu form of earlier versions computed
+    (``relu(x) - a * relu(-x)``), embeddings and input gradients alike, at x = 0 too (where nn.PReLU's gradient
+    differs), so cloaks made by older code are the same bits; its slopes are buffers, never trained."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from cloakbench.attacks.recognizers.fuse import FrozenPReLU
+    from cloakbench.attacks.recognizers.sface import load_sface
+
+    class ReluForm(nn.Module):
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.weight = weight.reshape(1, -1, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) - self.weight * F.relu(-x)
+
+    fused = load_sface(fused=True)
+    prelus = [name for name, m in fused.named_children() if isinstance(m, FrozenPReLU)]
+    assert len(prelus) >= 20  # every PReLU of the MobileFaceNet body
+    assert not any("relu" in name for name, _ in fused.named_parameters())
+    slopes = torch.cat([getattr(fused, n).weight for n in prelus])
+    assert float(slopes.min()) < 0 < 1 < float(slopes.max())  # so max(x, a*x) would be another function
+    old = copy.deepcopy(fused)
+    for name in prelus:
+        setattr(old, name, ReluForm(getattr(fused, name).weight))
+
+    def embed_and_grad(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        x = faces[:4].clone().requires_grad_(True)
+        out = net(x * 255)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        return out.detach(), grad
+
+    new_out, new_grad = embed_and_grad(fused)
+    old_out, old_grad = embed_and_grad(old)
+    assert torch.equal(new_out, old_out)
+    assert torch.equal(new_grad, old_grad)
+    # the kink itself: exact zeros get the relu form's gradient 0 (nn.PReLU's would be a * grad)
+    layer = getattr(fused, prelus[0])
+    x = torch.tensor([-2.0, 0.0, 3.0]).view(1, 3, 1, 1).repeat(1, layer.weight.numel() // 3 + 1, 1, 1)
+    x = x[:, : layer.weight.numel()].clone().requires_grad_(True)
+    (g_new,) = torch.autograd.grad(layer(x).sum(), x)
+    (g_old,) = torch.autograd.grad(ReluForm(layer.weight)(x).sum(), x)
+    assert torch.equal(g_new, g_old) and float(g_new[x == 0].abs().max()) == 0.0

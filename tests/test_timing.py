@@ -170,7 +170,10 @@ def test_bench_quick_cli_stores_every_target(tmp_path: Path, capsys: pytest.Capt
     code = main(["bench", "--quick", "--repeats", "2", "--warmup", "1", "--out", str(out), "--json"])
     assert code == EXIT_OK
     printed = json.loads(capsys.readouterr().out)
-    expected = {"embed:sface", "embed:facenet-casia", "cloak:pgd", "jpeg:q75"}
+    expected = {
+        "peak:gemm-fp32", "embed:sface", "embed:facenet-casia", "grad:sface", "grad:facenet-casia", "cloak:pgd",
+        "jpeg:q75",
+    }  # fmt: skip
     assert {r["target"] for r in printed["timings"]} == expected
     assert printed["failed"] == 0
 
@@ -186,7 +189,8 @@ def test_bench_quick_cli_stores_every_target(tmp_path: Path, capsys: pytest.Capt
     assert set(rows) == expected
     for target, row in rows.items():
         assert row["status"] == "ok", (target, row["error"])
-        assert row["images_per_s_median"] > 0, target
+        assert row["kind"] == "peak" or row["images_per_s_median"] > 0, target
+        assert row["kind"] == "transform" or row["gflops_per_s"] > 0, target
         assert row["q1_s"] <= row["median_s"] <= row["q3_s"], target
         assert (row["warmup"], row["repeats"], row["device"]) == (1, 2, "cpu")
         assert len(json.loads(row["samples_json"])) == 2

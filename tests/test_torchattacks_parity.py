@@ -74,7 +74,7 @@ def test_pgd_matches_torchattacks(celeb24_root: Path) -> None:
     assert isinstance(ours_defense, PGD)
     # the start PGD._protect draws for a batch: torch.rand(shape, generator=...), before quantisation
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(SEED), dtype=x.dtype)
-    ours = ours_defense._attack(x, noise)
+    ours = ours_defense._optimise(x, noise)
 
     model = CosineLogits(sface)
     model.set_reference(x)

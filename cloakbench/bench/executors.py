@@ -42,6 +42,7 @@ from cloakbench.bench.suite import Suite
 from cloakbench.cache import ENV_CACHE, cache_root
 from cloakbench.config import stable_hash
 from cloakbench.datasets import Manifest, Split, read_identity_names, split_per_identity
+from cloakbench.devices import gpu_actor_cpus
 from cloakbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,17 @@ class RayExecutor:
             # (more would oversubscribe the cores: OpenMP threads spinning against each other)
             slots = gpus if wants_gpu else max(1, int(resources.get("CPU", 1)) // threads)
             n = max(1, min(self.workers or slots, len(tasks)))
-            actor_cls = ray.remote(num_gpus=1 if wants_gpu else 0, num_cpus=0 if wants_gpu else 1)(_RayWorker)
-            log.info("ray: %d worker(s), %d threads each, over %s", n, threads, resources)
+            # a GPU actor still works on the CPU (PNG codecs, input countermeasures, feeding the GPU): it reserves
+            # its node's CPUs per GPU, at most the threads it runs (devices.gpu_actor_cpus says why)
+            cpus = 1.0
+            if wants_gpu:
+                nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive") and node.get("Resources")]
+                cpus = gpu_actor_cpus(nodes or [resources], threads)
+            actor_cls = ray.remote(num_gpus=1 if wants_gpu else 0, num_cpus=cpus)(_RayWorker)
+            log.info(
+                "ray: %d worker(s), %d threads and %g reserved CPU(s) each%s, over %s",
+                n, threads, cpus, " and one GPU" if wants_gpu else "", resources,
+            )  # fmt: skip
             actors = [actor_cls.remote(suite, str(cache.root), cache.enabled, threads) for _ in range(n)]
             try:
                 cloak = [t for t in tasks if t.kind is TaskKind.CLOAK]

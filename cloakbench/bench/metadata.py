@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from cloakbench.devices import settings_record
+
 PACKAGES = (
     "cloakbench",
     "torch",
@@ -108,5 +110,8 @@ def collect(device: torch.device, *, onnx_providers: dict[str, list[str]]) -> di
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        # TF32, float32 matmul precision, cuDNN benchmark/deterministic, deterministic algorithms (warn-only
+        # too) and CUBLAS_WORKSPACE_CONFIG, on every device (they move CUDA numbers; see bench/devices.py)
+        "torch_settings": settings_record(),
         "onnxruntime_providers_used": onnx_providers,
     }

@@ -40,6 +40,7 @@ import torch
 
 from cloakbench.attacks.adaptation import ADAPTATIONS, FileCheckpoints
 from cloakbench.attacks.recognizers import RECOGNIZERS, Recognizer, TorchRecognizer
+from cloakbench.attacks.recognizers.base import Precision
 from cloakbench.attacks.recognizers.from_file import FileModel, load_file_model
 from cloakbench.attacks.transforms import TRANSFORMS, InputTransform
 from cloakbench.bench.cache import ArtifactCache
@@ -68,9 +69,11 @@ from cloakbench.datasets import (
 )
 from cloakbench.datasets.sources import SourcePhoto, source_photos
 from cloakbench.defenses import DEFENSES, CloakFailure, Defense, cloak_failures, quality_report
+from cloakbench.defenses.base import PhotoGroup
 from cloakbench.defenses.precomputed import PrecomputedCloaks
 from cloakbench.defenses.robust import make_robust
 from cloakbench.defenses.targets import MAX_IMAGES_PER_TARGET, PublicFaces
+from cloakbench.devices import apply_matmul_settings
 from cloakbench.errors import ConfigError, DatasetError
 from cloakbench.images import DECODER_VERSION, from_uint8, to_uint8
 from cloakbench.png import decode_png, encode_png
@@ -80,7 +83,9 @@ log = logging.getLogger(__name__)
 GALLERY_SEARCH = "gallery-search"  # the evasion protocol's tracker: rank gallery photos by cosine similarity
 SOFTMAX = "softmax"  # the end-to-end tracker's own classifier (the head trained with the extractor)
 CLOAK_VERSION = 2  # bump when the cloaking pipeline changes in a way the configs and the code digest do not capture
-DEFENSE_CODE = ("cloakbench.defenses", "cloakbench.attacks.transforms")  # hashed into every cloak's cache key
+DEFENSE_CODE = ("cloakbench.defenses", "cloakbench.attacks.transforms", "cloakbench.attacks.recognizers")
+"""Hashed into every cloak's cache key: the defenses, the twins they optimise through and the recognizers they
+optimise against (a rewrite of a network's layers can move its gradients, and so the cloak)."""
 # 2: budgets enforced after rounding, PNG round trip, SSIM windows centred on every pixel
 
 
@@ -244,14 +249,32 @@ def derive_seed(*parts: Any) -> int:
 class ModelPool:
     """Builds each recognizer once per worker, on the device where it can run (else it stays on the CPU)."""
 
-    def __init__(self, device: torch.device, files: Sequence[FileModel] = ()) -> None:
+    def __init__(
+        self, device: torch.device, files: Sequence[FileModel] = (), *, precision: Precision | str = Precision.FP32
+    ) -> None:
         self.device = device
+        self.precision = Precision(precision)  # of the white boxes; black boxes run as they are
         self._cache: dict[str, Recognizer] = {}
         self._files = {m.name: m for m in files}  # the suite's models from a file, by name
 
     def get(self, name: str) -> Recognizer:
+        """The recognizer ``name``, built once. Factories that take a ``device`` argument get the pool's device
+        (the ONNX and insightface entries build their onnxruntime session for it: CUDA provider first on a GPU);
+        then every recognizer is moved there, where it can go."""
+        from cloakbench.devices import takes_device
+
         if name not in self._cache:
-            rec = load_file_model(self._files[name]) if name in self._files else RECOGNIZERS.create(name)
+            device = str(self.device)
+            if name in self._files:
+                rec = load_file_model(self._files[name], device=device)
+            else:
+                entry = RECOGNIZERS.get(name)
+                try:
+                    rec = entry.create(device=device) if takes_device(entry.factory) else entry.create()
+                except ValueError:  # a CPU-only recognizer (dlib) refuses another device: built on the CPU
+                    rec = entry.create()
+            if rec.capabilities.differentiable:
+                rec = rec.set_precision(self.precision)
             try:
                 rec = rec.to(self.device)
             except ValueError:
@@ -318,6 +341,8 @@ def cloak_all(
     identities = data.protected if identities is None else tuple(identities)
     # the code that makes the cloak is part of its key: a cloak cached by older code is never read as this code's
     code = source_digest(defense, packages=DEFENSE_CODE)
+    # where and in what arithmetic the surrogates ran: a GPU's or a bf16 cloak is not the CPU's float32 one
+    compute = sorted({s.compute() for s in defense.surrogates})
     out: dict[str, np.ndarray] = {}
     keys: dict[str, str] = {}
     seconds = 0.0
@@ -328,22 +353,33 @@ def cloak_all(
     cloaked_photos, left_clean = 0, []  # photos a defense that reads files cloaked, and those it left clean
     want_probes = Protocol.PROBE_CLOAKING in suite.protocols and not per_identity
     want_probes = want_probes and set(identities) <= set(data.protected)
+    batch_of = shared_batches(defense, data, identities, per_identity)
+
+    def key_of(ident: str, idx: np.ndarray) -> tuple[Any, ...]:
+        parts = (
+            "cloak", CLOAK_VERSION, defense.config_dict(), code, DECODER_VERSION, seed, ident,
+            [data.shas[i] for i in idx], compute,
+        )  # fmt: skip
+        return (*parts, "batch", list(batch_of[ident])) if ident in batch_of else parts
+
+    shared = _cloak_in_shared_batches(defense, data, batch_of, per_identity, seed, cache, key_of, clock)
     for ident in _progress(identities, enabled=progress, desc=f"cloak {spec.label} seed={seed}", total=len(identities)):
         idx = data.train[ident][:per_identity] if per_identity else data.train[ident]
         originals = data.images[idx]
-        key_parts = (
-            "cloak", CLOAK_VERSION, defense.config_dict(), code, DECODER_VERSION, seed, ident,
-            [data.shas[i] for i in idx],
-        )  # fmt: skip
+        key_parts = key_of(ident, idx)
         keys[ident] = stable_hash(key_parts, length=24)
         measured: list[float] = []
 
         ids = _ids(data, idx)
 
-        def compute(
+        def make(
             originals: torch.Tensor = originals, ident: str = ident, measured: list[float] = measured,
             ids: tuple[str, ...] = ids,
         ) -> np.ndarray:  # fmt: skip
+            if ident in shared:  # made in a batch shared with other users (GPU): the same cloak, its share of the time
+                arr, share = shared.pop(ident)
+                measured.append(share)
+                return arr
             generator = torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict()))
             start = time.perf_counter()
             with clock.stage("cloaking") if clock else contextlib.nullcontext():
@@ -352,7 +388,7 @@ def cloak_all(
             return png_round_trip(to_uint8(cloaked))
 
         arr, problem = cache.get_verified(
-            "cloaks", key_parts, compute, functools.partial(cloak_problem, defense, originals, ids)
+            "cloaks", key_parts, make, functools.partial(cloak_problem, defense, originals, ids)
         )
         if problem is not None:
             failures.append(f"{ident}: {problem}")
@@ -413,6 +449,68 @@ def cloak_all(
         images=out, key=keys, seconds_per_image=(seconds / photos) if photos else None, surrogate_weights=used,
         probes=probes, probe_key=probe_keys, note=note,
     )  # fmt: skip
+
+
+SHARED_BATCH_DEVICES = ("cuda",)
+"""Device types on which an independent defense's users share batches (:func:`shared_batches`)."""
+
+
+def shared_batches(
+    defense: Defense, data: PreparedData, identities: Sequence[str], per_identity: int | None
+) -> dict[str, tuple[str, ...]]:
+    """On a GPU, the users whose photos an independent defense (:attr:`~cloakbench.defenses.base.Defense.
+    independent_images`) optimises in one shared batch: consecutive users in ``identities`` order, as many as fit
+    in its batch size; each user maps to their batch's users. Empty on a CPU (a user's own batches are already the
+    preferred size there) and for defenses that are not independent.
+
+    The partition depends on the users and their photo counts only, never on what is cached, so a resumed run
+    batches as an uninterrupted one does; a user's cloak key names their batch (a batch's neighbours move a cloak
+    by float rounding: measured on the CPU, 2 steps of lowkey or fawkes-v1-low, up to 25 of 112,896 values by up
+    to 2 levels)."""
+    if not defense.independent_images or not defense.surrogates:
+        return {}
+    if defense.surrogates[0].device.type not in SHARED_BATCH_DEVICES:
+        return {}
+    size = defense.batch_size()
+    batches: list[list[str]] = []
+    photos = 0
+    for ident in identities:
+        n = len(data.train[ident][:per_identity] if per_identity else data.train[ident])
+        if not batches or photos + n > size:
+            batches.append([])
+            photos = 0
+        batches[-1].append(ident)
+        photos += n
+    return {ident: tuple(batch) for batch in batches for ident in batch}
+
+
+def _cloak_in_shared_batches(
+    defense: Defense, data: PreparedData, batch_of: Mapping[str, tuple[str, ...]], per_identity: int | None,
+    seed: int, cache: ArtifactCache, key_of: Callable[[str, np.ndarray], Any], clock: StageClock | None,
+) -> dict[str, tuple[np.ndarray, float]]:  # fmt: skip
+    """The cloaks of every shared batch (:func:`shared_batches`) with a user whose cloak is not cached, made in one
+    :meth:`~cloakbench.defenses.base.Defense.protect_groups` call (each user's random draws from their own generator,
+    as in a call of their own), with each user's share of the seconds (by photos)."""
+    out: dict[str, tuple[np.ndarray, float]] = {}
+    for batch in dict.fromkeys(batch_of.values()):
+        members = [(ident, data.train[ident][:per_identity] if per_identity else data.train[ident]) for ident in batch]
+        if cache.enabled and all(cache.path("cloaks", key_of(ident, idx)).is_file() for ident, idx in members):
+            continue
+        groups = [
+            PhotoGroup(
+                images=data.images[idx], identities=[ident] * len(idx),
+                generator=torch.Generator().manual_seed(derive_seed(seed, ident, defense.config_dict())),
+            )
+            for ident, idx in members
+        ]  # fmt: skip
+        photos = sum(len(idx) for _, idx in members)
+        start = time.perf_counter()
+        with clock.stage("cloaking") if clock else contextlib.nullcontext():
+            cloaked = defense.protect_groups(groups)
+        seconds = time.perf_counter() - start
+        for (ident, idx), images in zip(members, cloaked, strict=True):
+            out[ident] = (png_round_trip(to_uint8(images)), seconds * len(idx) / max(1, photos))
+    return out
 
 
 MAX_LISTED = 5
@@ -489,7 +587,7 @@ def _embed(
             images = transform.apply(images, generator=torch.Generator().manual_seed(seed))
     with clock.stage("embedding") if clock else contextlib.nullcontext():
         out, record = run_with_oom_retry(
-            lambda batch: rec.embed_batched(images, batch_size=batch), rec.preferred_batch_size
+            lambda batch: rec.embed_batched(images, batch_size=batch), rec.embed_batch_size
         )
     if record.halvings and clock is not None:
         tried = " -> ".join(str(b) for b in record.tried)
@@ -558,7 +656,9 @@ class CellWorker:
         self.manifest, self.alignment = load_suite_data(suite)
         self.data = prepare_data(suite, self.manifest, photo_sources(suite, self.manifest, self.alignment))
         self.data_seconds = time.perf_counter() - t0
-        self.models = ModelPool(self.device, suite.models)
+        # process-wide matmul settings, chosen by the suite, never left to torch's defaults (cloakbench.devices)
+        self.matmul = apply_matmul_settings(self.device, tf32=suite.tf32)
+        self.models = ModelPool(self.device, suite.models, precision=suite.precision)
         self._cloaks: tuple[int, dict[str, _Cloaks]] | None = None
 
     def run(self, task: Task) -> TaskResult:

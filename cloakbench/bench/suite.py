@@ -39,6 +39,9 @@ Schema (all keys optional unless marked)::
                                      # (universal masks only: fitted on enrollment photos, cloaking the queries)
     seeds: [0]
     device: auto | cpu | cuda
+    precision: fp32 | bf16           # the white-box networks' arithmetic: bf16 autocasts their forward and backward
+                                     # passes (losses, DSSIM, optimiser state and budgets stay float32); default fp32
+    tf32: false                      # CUDA only: allow TF32 matmuls and convolutions (faster; embeddings move ~1e-3)
     clean_accuracy_floor: 0.5        # no protection rate is reported below this clean accuracy
     oblivious_only: false            # true: evaluate each defense only with recognizers that were not its
                                      # surrogates (different weights); every row says whether it was oblivious
@@ -252,6 +255,10 @@ MAX_SCALAR = 10_000  # characters of one value (a description, a path)
 _INT_TEXT = 100  # characters of an integer's YAML text (a 64-bit integer needs at most 66, in binary)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+LATE_DEFAULTS: dict[str, Any] = {"precision": "fp32", "tf32": False}
+"""Top-level keys added after suites were stored, with the value that behaves as before the key existed: left out
+of the resolved form (and so of the store's digest) at that value, so earlier runs still resume."""
+
 NAME_RULE = "1 to 100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
@@ -269,6 +276,8 @@ class Suite:
     protocols: tuple[Protocol, ...] = (Protocol.POISONING,)
     seeds: tuple[int, ...] = (0,)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # the white-box networks' arithmetic (Recognizer.set_precision)
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions allowed (cloakbench.devices.apply_matmul_settings)
     clean_accuracy_floor: float = 0.5
     oblivious_only: bool = False
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
@@ -314,6 +323,9 @@ class Suite:
             del plain["models"]
         if not self.plugins:  # likewise for a suite without plug-ins
             del plain["plugins"]
+        for key, default in LATE_DEFAULTS.items():  # keys added later, at their old behaviour: the digest it had
+            if plain.get(key) == default:
+                del plain[key]
         for service in plain["services"]:  # and a service that is not Amazon's (its aws-only keys are all null)
             if service["transport"] != Transport.AWS.value:
                 for key in _AWS_ONLY:

@@ -11,11 +11,13 @@
   it reads the process's maximum resident set size (``getrusage``), a lifetime high-water mark that
   cannot be reset, and says so in :attr:`MemoryPeak.kind`.
 - :func:`top_kernels` runs a target once under ``torch.profiler`` and returns the top rows by self CUDA
-  time (GPU) or self CPU time (CPU) as plain data. ``quiet=True`` silences the ``USDT: ... profiler_start`` /
-  ``profiler_stop`` lines that kineto (the profiler's C++ side) writes straight to file descriptor 2 (no
-  environment variable turns them off), by pointing fd 2 at ``/dev/null`` while the profiler starts and stops
-  only: what the profiled call itself writes still shows.
-- :func:`run_with_oom_retry` halves the batch on a CUDA out-of-memory error and says what it tried.
+  time (GPU: the kernel events only, :func:`device_events`) or self CPU time (CPU) as plain data.
+  ``quiet=True`` silences the ``USDT: ... profiler_start`` / ``profiler_stop`` lines that kineto (the
+  profiler's C++ side) writes straight to file descriptor 2 (no environment variable turns them off), by
+  pointing fd 2 at ``/dev/null`` while the profiler starts and stops only: what the profiled call itself
+  writes still shows.
+- :func:`run_with_oom_retry` (from :mod:`cloakbench.oom`, re-exported) halves the batch on a CUDA out-of-memory
+  error and says what it tried.
 - :class:`StageTimer` accumulates wall seconds per named stage, synchronising CUDA at stage boundaries.
 """
 
@@ -27,17 +29,27 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
+from cloakbench.oom import OomRecord as OomRecord  # re-exported: their home is cloakbench.oom
+from cloakbench.oom import is_oom as is_oom
+from cloakbench.oom import run_with_oom_retry as run_with_oom_retry
+
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+
+class _ProfilerEvent(Protocol):
+    @property
+    def device_type(self) -> Any: ...
+
+
+E = TypeVar("E", bound=_ProfilerEvent)
 
 MemoryKind = Literal["cuda_max_allocated", "process_max_rss"]
 
@@ -195,14 +207,27 @@ def _fd2_silenced(enabled: bool) -> Iterator[None]:
         os.close(saved)
 
 
+def device_events(events: Iterable[E]) -> list[E]:
+    """The profiler events (or their key averages) that happened on the GPU: kernels, copies, memsets.
+
+    ``key_averages()`` of a CUDA profile holds every kernel twice: as its own event (``device_type`` CUDA) and
+    inside the self device time of the CPU op that launched it (a CPU op's ``self_device_time_total`` is the
+    time of the kernels it launched directly). Summing both counts each kernel twice. The GPU-side user
+    annotations (``record_function`` ranges mirrored on the GPU timeline, ``is_user_annotation``) span
+    kernels already counted and are left out too, as torch's own ``table()`` leaves them out of its total."""
+    cuda = torch.profiler.DeviceType.CUDA
+    return [e for e in events if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
+
+
 def top_kernels(
     fn: Callable[[], object], *, device: torch.device, n: int = 10, quiet: bool = False
 ) -> list[dict[str, Any]]:
     """Run ``fn`` once under ``torch.profiler`` and return the ``n`` rows with the most self time.
 
-    On CUDA the rows are sorted by self CUDA time (so they are kernels and copies) and ``share`` is the
-    fraction of all self CUDA time; on the CPU by self CPU time over all CPU ops. Each row: ``name``,
-    ``calls``, ``self_ms``, ``total_ms``, ``share`` and ``clock`` (``"cuda"`` or ``"cpu"``: which time it is).
+    On CUDA the rows are the GPU events only (:func:`device_events`: kernels and copies, not the CPU ops
+    that launched them), sorted by self CUDA time, and ``share`` is the fraction of their total; on the CPU
+    the rows are all CPU ops by self CPU time. Each row: ``name``, ``calls``, ``self_ms``, ``total_ms``,
+    ``share`` and ``clock`` (``"cuda"`` or ``"cpu"``: which time it is).
     Warm the target up first: the first call's one-off costs (cuDNN autotuning, lazy init) would dominate.
     ``quiet``: no profiler chatter on stderr (see the module docstring).
     """
@@ -236,7 +261,9 @@ def top_kernels(
         value = getattr(event, "device_time_total", None)
         return float(value if value is not None else event.cuda_time_total)
 
-    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    averages = list(prof.key_averages())
+    # on CUDA, CPU ops carry the device time of the kernels they launched as well: keep the kernels only
+    events = [e for e in (device_events(averages) if on_cuda else averages) if self_us(e) > 0]
     grand = sum(self_us(e) for e in events)
     events.sort(key=self_us, reverse=True)
     clock = "cuda" if on_cuda else "cpu"
@@ -251,51 +278,6 @@ def top_kernels(
         }
         for e in events[:n]
     ]
-
-
-@dataclass(frozen=True)
-class OomRecord:
-    """What :func:`run_with_oom_retry` tried: the batch sizes in order (the last one succeeded)."""
-
-    tried: tuple[int, ...]
-    halvings: int
-
-    @property
-    def final_batch(self) -> int:
-        return self.tried[-1]
-
-
-def is_oom(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error (``torch.cuda.OutOfMemoryError`` or a RuntimeError saying so)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-
-
-def run_with_oom_retry(fn: Callable[[int], T], batch: int, *, min_batch: int = 1) -> tuple[T, OomRecord]:
-    """``fn(batch)``; on a CUDA out-of-memory error empty the CUDA cache, halve the batch (not below
-    ``min_batch``) and retry. An OOM at ``min_batch`` and every other exception propagate unchanged."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"run_with_oom_retry: batch must be an integer >= 1, got {batch!r}")
-    if isinstance(min_batch, bool) or not isinstance(min_batch, int) or not 1 <= min_batch <= batch:
-        raise ValueError(f"run_with_oom_retry: min_batch must be an integer in 1..{batch}, got {min_batch!r}")
-    tried: list[int] = []
-    while True:
-        tried.append(batch)
-        try:
-            result = fn(batch)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or batch <= min_batch:
-                raise
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        else:
-            return result, OomRecord(tried=tuple(tried), halvings=len(tried) - 1)
-        # outside the except block, so the traceback's frames (and the tensors they hold) are gone
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        new_batch = max(min_batch, batch // 2)
-        log.warning("CUDA out of memory at batch %d (%s); retrying at batch %d", batch, message, new_batch)
-        batch = new_batch
 
 
 class StageTimer:

@@ -18,6 +18,23 @@ tool wrote) declares :attr:`Defense.needs_photo_ids`; the bench then passes each
 :meth:`Defense.protect` (``photo_ids``), which hands them to :meth:`Defense._protect_photos`. A defense that leaves
 some photos clean on purpose (an allowed missing file) names them in :meth:`Defense.uncloaked`, so the check above
 does not call them failed cloaks. Both hooks default to nothing; every other defense ignores them.
+
+Speed (none of it changes a cloak on the CPU):
+
+- A defense whose images are cloaked independently of one another (:attr:`Defense.independent_images`: PGD,
+  LowKey, Fawkes v1.0; not Fawkes' paper version, whose target is chosen per user, nor OPOM's per-user mask)
+  splits :meth:`Defense._protect` into :meth:`Defense._starts` (its random draws, made from the user's generator
+  in the order of the photos) and :meth:`Defense._optimise` (the optimisation of a batch of images from their
+  starts). :meth:`Defense.protect_groups` then cloaks several users' photos in shared batches: each user's draws
+  come from their own generator as before, and the batches span users, which fills a GPU (256 images a batch
+  where one user has a few dozen photos). The benchmark uses it on a GPU only (the CPU's preferred batch of 8 is
+  what one user's photos already fill). A batch's other images move a cloak by float rounding only: measured on
+  the CPU, PGD's cloaks are the same bits, LowKey's and Fawkes v1.0's (2 steps) differ in up to 25 of 112,896
+  values by up to 2 levels (``tests/test_speed_paths.py``).
+- The batch a defense optimises is halved on a CUDA out-of-memory error and retried
+  (:func:`~cloakbench.oom.run_with_oom_retry`); :attr:`Defense.oom_halvings` counts the halvings.
+- The budget (projection, rounding, DSSIM bisection and re-measurement) runs on the device the cloak was made on,
+  and only the finished cloak comes back to the CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from cloakbench.attacks.recognizers.base import Recognizer
 from cloakbench.defenses.budgets import Budget
 from cloakbench.errors import ConfigError, ImageContractError
 from cloakbench.images import check_images, quantize
+from cloakbench.oom import run_with_oom_retry
 
 MIN_SURROGATE_SHIFT = 0.01
 """The least cosine distance ``1 - cos(f(x'), f(x))`` a cloak must put between the cloaked and the clean photo's
@@ -59,6 +77,16 @@ class DefenseRequirements:
     min_surrogates: int
 
 
+@dataclass(frozen=True)
+class PhotoGroup:
+    """One user's photos for :meth:`Defense.protect_groups`: the arguments of one :meth:`Defense.protect` call."""
+
+    images: torch.Tensor
+    identities: Sequence[str]
+    generator: torch.Generator
+    photo_ids: Sequence[str] | None = None
+
+
 class CloakFailure(RuntimeError):
     """A defense's output protects nothing (:func:`cloak_failures`): reported as a failure, never as a cloak."""
 
@@ -73,6 +101,46 @@ class Defense(abc.ABC):
     surrogates: tuple[Recognizer, ...]
     needs_photo_ids: ClassVar[bool] = False
     """Whether :meth:`protect` must be given ``photo_ids`` (the photos' dataset image ids; module docstring)."""
+    oom_halvings: int = 0
+    """How often this defense's batch was halved after a CUDA out-of-memory error (module docstring)."""
+
+    @property
+    def independent_images(self) -> bool:
+        """Whether each image's cloak depends on that image and its own random draws only (:meth:`_starts`,
+        :meth:`_optimise`; module docstring). False by default."""
+        return False
+
+    def _starts(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The random draws an independent defense makes for ``images``, in photo order, on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} does not cloak images independently")
+
+    def _optimise(self, images: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """An independent defense's cloak of one batch of ``images`` (on the surrogates' device) from ``starts``."""
+        raise NotImplementedError(f"{type(self).__name__} does not cloak images independently")
+
+    def batch_size(self) -> int:
+        """Images optimised together: the config's ``batch_size`` when it sets one, else the first surrogate's
+        preferred batch (8 on a CPU, 256 on a GPU)."""
+        configured = getattr(getattr(self, "config", None), "batch_size", None)
+        if configured:
+            return int(configured)
+        return self.surrogates[0].preferred_batch_size if self.surrogates else 8
+
+    def _optimise_all(self, images: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """:meth:`_optimise` over ``images`` in batches of :meth:`batch_size` on the surrogates' device, the batch
+        halved on a CUDA out-of-memory error; the cloaks come back on the CPU."""
+        device = self.surrogates[0].device
+
+        def run(size: int) -> torch.Tensor:
+            outs = [
+                self._optimise(images[i : i + size].to(device), starts[i : i + size].to(device)).cpu()
+                for i in range(0, images.shape[0], size)
+            ]
+            return torch.cat(outs)
+
+        out, record = run_with_oom_retry(run, min(self.batch_size(), max(1, images.shape[0])))
+        self.oom_halvings += record.halvings
+        return out
 
     def __init__(self, *, name: str, budget: Budget, surrogates: Sequence[Recognizer] = ()) -> None:
         self.name = name
@@ -130,17 +198,42 @@ class Defense(abc.ABC):
             out = self._protect_photos(images, identities, photo_ids, generator=generator)
         else:
             out = self._protect(images, identities, generator=generator)
+        return self._finish(images, out)
+
+    def _finish(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The template's tail: shape and finiteness, then the budget enforced and re-measured on the device the
+        cloak was made on (module docstring); returned on ``images``' device."""
         if out.shape != images.shape:
             raise ImageContractError(f"{self.name}: returned shape {list(out.shape)}, expected {list(images.shape)}")
         if not bool(torch.isfinite(out).all()):
             raise ImageContractError(f"{self.name}: produced NaN or infinite pixels")
-        out = self.budget.enforce(images, out.detach().to(images.device, torch.float32))
-        problems = self.budget.violations(images, out)
+        device = out.device
+        originals = images.to(device)
+        out = self.budget.enforce(originals, out.detach().to(device, torch.float32))
+        problems = self.budget.violations(originals, out)
         if problems:
             raise AssertionError(
                 f"{self.name}: budget {self.budget.describe()} exceeded after quantisation: {'; '.join(problems)}"
             )
-        return out
+        return out.to(images.device)
+
+    @final
+    def protect_groups(self, groups: Sequence[PhotoGroup]) -> list[torch.Tensor]:
+        """:meth:`protect` of each group, the same cloaks; an independent defense optimises the groups' photos in
+        shared batches (module docstring), the others one group after another."""
+        if not self.independent_images or self.needs_photo_ids or len(groups) < 2:
+            return [self.protect(g.images, g.identities, generator=g.generator, photo_ids=g.photo_ids) for g in groups]
+        for g in groups:
+            check_images(g.images, what=f"{self.name}.protect input")
+            if len(g.identities) != g.images.shape[0]:
+                raise ImageContractError(
+                    f"{self.name}.protect: {g.images.shape[0]} images but {len(g.identities)} identity labels"
+                )
+        sizes = [g.images.shape[0] for g in groups]
+        images = torch.cat([g.images for g in groups])
+        starts = torch.cat([self._starts(g.images, g.generator) for g in groups])
+        out = self._optimise_all(images, starts) if images.shape[0] else images.clone()
+        return [self._finish(g.images, part) for g, part in zip(groups, torch.split(out, sizes), strict=True)]
 
     def config_dict(self) -> dict[str, object]:
         """The parameters that determine the output (for cache keys and the resolved config)."""

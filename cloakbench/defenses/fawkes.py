@@ -247,6 +247,18 @@ class Fawkes(Defense):
             self._pool = pool.without(dropped)
         return dropped
 
+    @property
+    def independent_images(self) -> bool:
+        """v1.0 cloaks each photo on its own; the paper version chooses one target per user."""
+        return not self.targeted
+
+    def _starts(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """v1.0's start: uniform in +-V1_START (tanh space), per pixel."""
+        return (torch.rand(images.shape, generator=generator, dtype=torch.float32) * 2 - 1) * V1_START
+
+    def _optimise(self, images: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        return self._optimise_v1(images, starts)
+
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
         out = torch.empty_like(images)
         for ident in dict.fromkeys(identities):  # each user in turn, in order of first appearance
@@ -270,14 +282,11 @@ class Fawkes(Defense):
             self.targets[ident] = choice
             photos = pool.images[choice.identity][: self.config.target_photos]
             targets = target_photos(photos, images.shape[0], generator=generator)
-        batch_size = self.config.batch_size or self.surrogates[0].preferred_batch_size
+        if targets is None:  # v1.0: each photo on its own, from its own draws
+            return self._optimise_all(images, self._starts(images, generator))
         outs = []
-        for sl in batches(images.shape[0], batch_size):
-            x = images[sl].to(device)
-            if targets is None:
-                outs.append(self._optimise_v1(x, generator).cpu())
-            else:
-                outs.append(self._optimise_paper(x, targets[sl].to(device)).cpu())
+        for sl in batches(images.shape[0], self.batch_size()):
+            outs.append(self._optimise_paper(images[sl].to(device), targets[sl].to(device)).cpu())
         return torch.cat(outs)
 
     def _optimizer(self, modifier: torch.Tensor) -> torch.optim.Optimizer:
@@ -292,13 +301,13 @@ class Fawkes(Defense):
             adv = x + (adv - x).clamp(-self.config.max_change, self.config.max_change)
         return adv
 
-    def _optimise_v1(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """v1.0: maximise the squared feature distance from x with the adaptive weight (module docstring)."""
+    def _optimise_v1(self, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """v1.0: maximise the squared feature distance from x with the adaptive weight (module docstring), from
+        the modifier ``start`` (:meth:`_starts`)."""
         cfg, rho = self.config, self.config.dssim_threshold
         refs = embed_all(self.surrogates, x, grad=False)
         w0 = to_tanh_space(x)
-        start = (torch.rand(x.shape, generator=generator, dtype=torch.float32) * 2 - 1) * V1_START
-        modifier = start.to(x.device).requires_grad_(True)
+        modifier = start.to(x.device).clone().requires_grad_(True)
         opt = self._optimizer(modifier)
         weight = torch.ones(x.shape[0], device=x.device)
         side = torch.ones_like(weight)
@@ -395,20 +404,22 @@ class _Keeper:
         self.ok, self.ok_score = x.clone(), torch.full((n,), float("inf"), device=x.device)
 
     def offer(self, adv: torch.Tensor, d: torch.Tensor, feat: torch.Tensor) -> None:
+        # torch.where, not boolean-mask indexing: a mask index reads the mask back to the host (a synchronisation
+        # per step on a GPU); the values kept are the same
         score = -feat if self.maximise else feat
         better = score < self.best_score
         if self.rule is FawkesRule.ORIGINAL and self.maximise:
             better &= d <= self.rho * 1.1
-        self.best[better] = adv[better]
+        self.best = torch.where(better.view(-1, 1, 1, 1), adv, self.best)
         self.best_score = torch.where(better, score, self.best_score)
         if self.rule is FawkesRule.CENTRED:
             better = (score < self.ok_score) & (d <= self.rho)
-            self.ok[better] = adv[better]
+            self.ok = torch.where(better.view(-1, 1, 1, 1), adv, self.ok)
             self.ok_score = torch.where(better, score, self.ok_score)
 
     def save_last(self, adv: torch.Tensor, d: torch.Tensor, feat: torch.Tensor) -> None:
         last = v1_save_last(-self.best_score, d, feat)
-        self.best[last] = adv[last]
+        self.best = torch.where(last.view(-1, 1, 1, 1), adv, self.best)
 
     def result(self) -> torch.Tensor:
         if self.rule is FawkesRule.ORIGINAL:
@@ -417,8 +428,7 @@ class _Keeper:
             cands = [self.budget.enforce(self.x, self.best), self.budget.enforce(self.x, self.ok)]
             scores = [self.score(c, self.x, self.refs) for c in cands]
             take_ok = scores[1] < scores[0]
-            cands[0][take_ok] = cands[1][take_ok]
-        return cands[0]
+        return torch.where(take_ok.view(-1, 1, 1, 1), cands[1], cands[0])
 
 
 def make_fawkes(

@@ -56,7 +56,6 @@ from cloakbench.defenses.base import Defense, DefenseRequirements, ThreatModel
 from cloakbench.defenses.budgets import Budget, dssim
 from cloakbench.defenses.lpips import lpips
 from cloakbench.defenses.objectives import (
-    batches,
     embed_all,
     gaussian_blur,
     signed_gradient_ascent,
@@ -136,17 +135,21 @@ class LowKey(Defense):
         super().__init__(name=name, budget=budget, surrogates=surrogates)
         self.config = config
 
+    @property
+    def independent_images(self) -> bool:
+        return True
+
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
-        device = self.surrogates[0].device
-        batch_size = self.config.batch_size or self.surrogates[0].preferred_batch_size
-        out = []
-        for sl in batches(images.shape[0], batch_size):
-            x = images[sl]
-            start = x
-            if self.config.random_start > 0:
-                start = x + (2 * torch.rand(x.shape, generator=generator) - 1) * self.config.random_start
-            out.append(self._attack(x.to(device), start.to(device)).cpu())
-        return torch.cat(out)
+        return self._optimise_all(images, self._starts(images, generator))
+
+    def _starts(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The random start ``x + U(-r, r)`` (not clipped), or the photo itself when ``random_start`` is 0."""
+        if self.config.random_start <= 0:
+            return images.clone()
+        return images + (2 * torch.rand(images.shape, generator=generator) - 1) * self.config.random_start
+
+    def _optimise(self, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return self._attack(x, start)
 
     def _features(self, images: torch.Tensor, *, grad: bool) -> list[torch.Tensor]:
         if not self.config.flip:

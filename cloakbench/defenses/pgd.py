@@ -54,17 +54,18 @@ class PGD(Defense):
         super().__init__(name=name, budget=Budget(linf=config.epsilon), surrogates=surrogates)
         self.config = config
 
-    def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
-        device = self.surrogates[0].device
-        batch_size = self.config.batch_size or self.surrogates[0].preferred_batch_size
-        outs = []
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(device)
-            noise = torch.rand(batch.shape, generator=generator, dtype=batch.dtype).to(device)
-            outs.append(self._attack(batch, noise).cpu())
-        return torch.cat(outs)
+    @property
+    def independent_images(self) -> bool:
+        return True
 
-    def _attack(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
+        return self._optimise_all(images, self._starts(images, generator))
+
+    def _starts(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Uniform noise in [0, 1) per pixel (drawn whether or not ``random_start`` uses it, as always)."""
+        return torch.rand(images.shape, generator=generator, dtype=images.dtype)
+
+    def _optimise(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         with torch.no_grad():
             clean = [s.embed(x) for s in self.surrogates]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cloakbench.attacks.recognizers.base import Recognizer
+from cloakbench.attacks.recognizers.base import Precision, Recognizer
 from cloakbench.attacks.transforms import TRANSFORMS
 from cloakbench.attacks.transforms.twins import DifferentiableTwin
 from cloakbench.config import build, require, stable_hash
@@ -113,6 +113,13 @@ class EOTSurrogate(Recognizer):
     def to(self, device: str | torch.device) -> EOTSurrogate:
         self.base = self.base.to(device)
         return self
+
+    def set_precision(self, precision: Precision | str) -> EOTSurrogate:
+        self.base = self.base.set_precision(precision)
+        return self
+
+    def compute(self) -> str:
+        return self.base.compute()
 
     def _draw(self) -> DifferentiableTwin | None:
         index = int(torch.randint(len(self._twins), (1,), generator=self._generator))

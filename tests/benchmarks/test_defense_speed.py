@@ -93,7 +93,7 @@ def test_pgd_cloakbench(benchmark: Any, faces: torch.Tensor, sface: TorchRecogni
     noise = torch.rand(faces.shape, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
 
     def target() -> torch.Tensor:
-        out = pgd._attack(faces, noise)  # the loop protect() runs per batch, before quantisation
+        out = pgd._optimise(faces, noise)  # the loop protect() runs per batch, before quantisation
         _sync()
         return out
 

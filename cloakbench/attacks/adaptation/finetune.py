@@ -273,17 +273,24 @@ def _fit(
     module: Any, *, seed: int, epochs: int, device: torch.device, progress: bool,
     make_loader: Callable[[], torch.utils.data.DataLoader[Any]],
 ) -> None:  # fmt: skip
-    """Train ``module`` with Lightning, seeded, quietly, restoring torch's deterministic-algorithms flag."""
+    """Train ``module`` with Lightning, seeded, quietly, under :func:`~cloakbench.devices.deterministic`.
+
+    Lightning's own ``deterministic="warn"`` set the same flags but left ``cudnn.benchmark`` off for the rest of
+    the process and set ``CUBLAS_WORKSPACE_CONFIG`` after CUDA had started; with ``deterministic=None`` and
+    ``benchmark=None`` (pytorch-lightning 2.6: "leave the flags alone") Lightning touches none of them, and the
+    context restores every flag when training ends or fails."""
+    from cloakbench.devices import deterministic  # at call time, as Lightning itself is imported
+
     pl = _lightning()
-    with _quiet_lightning():
+    with _quiet_lightning(), deterministic(device):
         pl.seed_everything(seed, workers=True)
         loader = make_loader()
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
-            deterministic="warn",
+            deterministic=None,  # set by deterministic(device) above, and restored by it
+            benchmark=None,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=progress,
@@ -292,10 +299,7 @@ def _fit(
             log_every_n_steps=1,
             use_distributed_sampler=False,  # FaceCure's class-balanced batches are the sampler
         )
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
+        trainer.fit(module, train_dataloaders=loader)
 
 
 def _module_class() -> type:

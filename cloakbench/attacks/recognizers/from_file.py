@@ -191,7 +191,12 @@ class OnnxFileRecognizer(OnnxRecognizer):
     at a time; declared static height/width must match ``input.size`` in the declared layout."""
 
     def __init__(
-        self, *, model: FileModel, embedding_dim: int, providers: Sequence[str] = ("CPUExecutionProvider",)
+        self,
+        *,
+        model: FileModel,
+        embedding_dim: int,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__(
             name=model.name,
@@ -200,6 +205,7 @@ class OnnxFileRecognizer(OnnxRecognizer):
             embedding_dim=embedding_dim,
             providers=providers,
             weights_id=model.weights_id,
+            device=device,  # when given, the providers follow it (onnx_runtime.providers_for)
         )
         self.layout = model.input.layout
         self.sha256 = model.sha256
@@ -307,13 +313,8 @@ def _build(model: FileModel, embedding_dim: int, device: str) -> Recognizer:
     path = model.path
     fmt = model.format
     if fmt is FileFormat.ONNX:
-        providers = (
-            ("CUDAExecutionProvider", "CPUExecutionProvider")
-            if device.startswith("cuda")
-            else ("CPUExecutionProvider",)
-        )
         try:
-            return OnnxFileRecognizer(model=model, embedding_dim=embedding_dim, providers=providers)
+            return OnnxFileRecognizer(model=model, embedding_dim=embedding_dim, device=device)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)

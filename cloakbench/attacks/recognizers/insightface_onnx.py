@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from cloakbench.attacks.recognizers.base import Alignment, Capabilities, ChannelOrder, InputSpec, Recognizer
-from cloakbench.attacks.recognizers.onnx_runtime import OnnxRecognizer
+from cloakbench.attacks.recognizers.onnx_runtime import (
+    OnnxRecognizer,
+    provider_options_for,
+    providers_for,
+    usable_providers,
+    warn_on_fallback,
+)
 from cloakbench.errors import ConfigError, FetchError
 from cloakbench.fetch import sha256_file
 from cloakbench.images import to_uint8
@@ -64,9 +70,14 @@ class InsightfaceRecognizer(Recognizer):
     """A black-box recognizer running an ArcFace-family ONNX file via insightface's ``ArcFaceONNX``."""
 
     def __init__(
-        self, *, name: str, path: Path, spec: InputSpec, embedding_dim: int, strict: bool = False, weights_id: str = ""
-    ) -> None:
+        self, *, name: str, path: Path, spec: InputSpec, embedding_dim: int, strict: bool = False, weights_id: str = "",
+        device: str | torch.device = "cpu",
+    ) -> None:  # fmt: skip
+        """``device``: the onnxruntime providers follow it (:func:`~.onnx_runtime.providers_for`: CUDA first on
+        ``cuda``, else the CPU alone). insightface's own default takes CUDA whenever onnxruntime has it, whatever
+        the suite's device, so the providers are always passed explicitly."""
         import insightface  # optional dependency: `pip install cloakbench[insightface]`
+        import onnxruntime as ort
 
         if spec.channel_order is not ChannelOrder.RGB:
             raise ConfigError(f"{name}: insightface feeds RGB to the network; declare channel_order rgb")
@@ -74,7 +85,11 @@ class InsightfaceRecognizer(Recognizer):
         self.spec = spec
         self.embedding_dim = embedding_dim
         self.weights_id = weights_id or f"{path.name}:{sha256_file(path)[:16]}"
-        model: Any = insightface.model_zoo.get_model(str(path))
+        asked = providers_for(device)
+        providers = usable_providers(asked, ort.get_available_providers())
+        model: Any = insightface.model_zoo.get_model(
+            str(path), providers=providers, provider_options=provider_options_for(device, providers)
+        )
         if model is None or not hasattr(model, "get_feat"):
             raise ConfigError(f"{path}: insightface does not load it as a recognition model ({type(model).__name__})")
         mean, std = _spec_mean_std(spec)
@@ -93,6 +108,7 @@ class InsightfaceRecognizer(Recognizer):
             model.input_mean, model.input_std = mean, std
         self.model = model
         self.providers_used = tuple(model.session.get_providers())
+        warn_on_fallback(name, asked, self.providers_used)
         self.capabilities = Capabilities(
             differentiable=False, batched=True, devices=("cpu",), gradient_free_reason="insightface ONNX session"
         )
@@ -125,7 +141,8 @@ def onnx_recognizer(
     strict: bool = False,
     device: str = "cpu",
 ) -> Recognizer:
-    """Any ArcFace-family ONNX file: through insightface when it is installed, else onnxruntime directly."""
+    """Any ArcFace-family ONNX file: through insightface when it is installed, else onnxruntime directly; on
+    either path the onnxruntime providers follow ``device`` (CUDA first on ``cuda``)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"ONNX recognizer file {file} does not exist")
@@ -134,8 +151,10 @@ def onnx_recognizer(
         import insightface  # noqa: F401
     except ImportError:
         log.info("insightface is not installed; running %s with onnxruntime and the declared spec", file)
-        return OnnxRecognizer(name=label, path=file, spec=spec, embedding_dim=embedding_dim)
-    return InsightfaceRecognizer(name=label, path=file, spec=spec, embedding_dim=embedding_dim, strict=strict)
+        return OnnxRecognizer(name=label, path=file, spec=spec, embedding_dim=embedding_dim, device=device)
+    return InsightfaceRecognizer(
+        name=label, path=file, spec=spec, embedding_dim=embedding_dim, strict=strict, device=device
+    )
 
 
 def pack_cached(pack: str, *, root: str = "~/.insightface") -> bool:

@@ -8,9 +8,8 @@ RGB values in 0..255 and normalises inside ((x - 127.5) * 0.0078125).
 - ``sface`` (white box): a MobileFaceNet-style ``nn.Sequential`` whose architecture is declared below;
   the int8 weights are dequantised once (opset-21 blockwise ``DequantizeLinear``, which onnx2torch cannot
   convert) and loaded by name, with every shape checked. For speed the loaded network is then rewritten
-  (BatchNorm folded into the convolutions, PReLU as relu(x) - a*relu(-x), channels-last memory): the
-  same function, 3-4x faster forward+backward on a 2-core CPU (measured while building it: ~100 ms ->
-  ~30 ms per image for forward+backward).
+  (BatchNorm folded into the convolutions, PReLU slopes frozen, channels-last memory): the same function,
+  faster forward and backward (:mod:`~cloakbench.attacks.recognizers.fuse` gives the measurements).
 - ``sface-onnx`` (black box): onnxruntime on the same file, after removing the graph inputs that are
   really initializers (the file lists 29 stale weight names and 145 initializers as inputs, which
   onnxruntime's ``run()`` would otherwise demand or warn about) and making the batch dimension dynamic.
@@ -269,16 +268,13 @@ def sface(*, device: str = "cpu") -> TorchRecognizer:
 
 def sface_onnx(*, device: str = "cpu", threads: int | None = None) -> OnnxRecognizer:
     """Black-box SFace (onnxruntime on the same weights)."""
-    providers = (
-        ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
-    )
     path = onnx_path()
     return OnnxRecognizer(
         name="sface-onnx",
         path=path,
         spec=SPEC,
         embedding_dim=EMBEDDING_DIM,
-        providers=providers,
+        device=device,  # the providers follow the device (CUDA first on cuda:N, on GPU N)
         threads=threads,
         weights_id=weights_id(WEIGHTS_ID, digest=sha256_file(path), reference=REFERENCE_ONNX_SHA256, what=path),
     )

@@ -113,7 +113,7 @@ RECOGNIZERS.register(
     meta=EntryMeta(
         summary="the SFace ONNX file through insightface's ArcFaceONNX, its wrong normalisation guess overridden",
         tags=("black-box", "insightface"),
-        details=details(dim=128, spec=sface.SPEC, white_box=False, devices="cpu"),
+        details=details(dim=128, spec=sface.SPEC, white_box=False, devices="cpu (CUDA provider if installed)"),
         is_cached=lambda: is_cached(sface.PINNED),
         **_SFACE,  # type: ignore[arg-type]
     ),
@@ -146,7 +146,9 @@ for _pack, _arch in (
             license="insightface model packs: non-commercial research use",
             weights_origin=f"insightface release site, pack {_pack} ({insightface_onnx.PACKS[_pack]})",
             tags=("black-box", "insightface", "download"),
-            details=details(dim=512, spec=insightface_onnx.ARCFACE_SPEC, white_box=False, devices="cpu"),
+            details=details(
+                dim=512, spec=insightface_onnx.ARCFACE_SPEC, white_box=False, devices="cpu (CUDA provider if installed)"
+            ),
             is_cached=_pack_cached(_pack),
         ),
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable, Hashable
 from typing import Literal, final
 
 import torch
@@ -84,6 +85,19 @@ class DifferentiableTwin(abc.ABC):
                 f"{self.name} twin: returned shape {list(out.shape)}, expected {list(images.shape)}"
             )
         return out
+
+    def _constant(
+        self, key: Hashable, make: Callable[[], torch.Tensor], like: torch.Tensor, *, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``make()`` moved to ``like``'s device and dtype (or ``dtype``) once per (key, device, dtype), then reused:
+        no host-to-device copy per call inside an optimisation loop."""
+        memo: dict[tuple[Hashable, torch.device, torch.dtype], torch.Tensor]
+        memo = self.__dict__.setdefault("_constants", {})
+        slot = (key, like.device, dtype or like.dtype)
+        if slot not in memo:
+            with torch.inference_mode(False):  # a tensor made in inference mode could not join a later backward pass
+                memo[slot] = make().to(device=like.device, dtype=dtype or like.dtype)
+        return memo[slot]
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "name")
@@ -181,12 +195,12 @@ class JPEGTwin(DifferentiableTwin):
         pad_h, pad_w = (-h) % (8 * fy), (-w) % (8 * fx)
         if pad_h or pad_w:
             ycc = F.pad(ycc, (0, pad_w, 0, pad_h), mode="replicate")
-        dct = self._dct.to(images)
-        luma = self._code(ycc[:, :1], dct, self._luma.to(images))
+        dct = self._constant("dct", lambda: self._dct, images)
+        luma = self._code(ycc[:, :1], dct, self._constant("luma", lambda: self._luma, images))
         chroma = ycc[:, 1:]
         if fy > 1 or fx > 1:
             chroma = F.avg_pool2d(chroma, (fy, fx))
-        chroma = self._code(chroma, dct, self._chroma.to(images))
+        chroma = self._code(chroma, dct, self._constant("chroma", lambda: self._chroma, images))
         if fy > 1 or fx > 1:
             chroma = F.interpolate(chroma, size=luma.shape[-2:], mode="bilinear", align_corners=False)
         rgb = ycbcr_to_rgb(torch.cat((luma, chroma), dim=1))[:, :, :h, :w]
@@ -240,17 +254,23 @@ class GaussianBlurTwin(DifferentiableTwin):
         self.kernel = size
 
     def weights(self, like: torch.Tensor) -> torch.Tensor:
-        coords = torch.arange(self.kernel, dtype=torch.float64) - (self.kernel - 1) / 2
-        g = torch.exp(-(coords**2) / (2.0 * self.sigma**2))
-        return (g / g.sum()).to(like)
+        def make() -> torch.Tensor:
+            coords = torch.arange(self.kernel, dtype=torch.float64) - (self.kernel - 1) / 2
+            g = torch.exp(-(coords**2) / (2.0 * self.sigma**2))
+            return g / g.sum()
+
+        return self._constant("weights", make, like)
 
     def _forward(self, images: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
         _, c, h, w = images.shape
         g = self.weights(images)
         pad = self.kernel // 2
-        x = images.index_select(3, reflect101_index(w, pad, images.device))
+        cpu = torch.device("cpu")
+        cols = self._constant(("cols", w), lambda: reflect101_index(w, pad, cpu), images, dtype=torch.long)
+        rows = self._constant(("rows", h), lambda: reflect101_index(h, pad, cpu), images, dtype=torch.long)
+        x = images.index_select(3, cols)
         x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, self.kernel), groups=c)
-        x = x.index_select(2, reflect101_index(h, pad, images.device))
+        x = x.index_select(2, rows)
         return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, self.kernel, 1), groups=c)
 
 
@@ -299,8 +319,8 @@ class ResizeTwin(DifferentiableTwin):
         small_h, small_w = downscaled_size(h, w, self.factor)
         if (small_h, small_w) == (h, w):
             return images.clone()  # cv2.resize to the same size copies; so does the real transform
-        rows = area_matrix(h, small_h).to(images)
-        cols = area_matrix(w, small_w).to(images)
+        rows = self._constant(("rows", h, small_h), lambda: area_matrix(h, small_h), images)
+        cols = self._constant(("cols", w, small_w), lambda: area_matrix(w, small_w), images)
         small = rows @ images @ cols.T
         return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
@@ -319,7 +339,7 @@ class GrayscaleTwin(DifferentiableTwin):
     name = "grayscale"
 
     def _forward(self, images: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
-        weights = torch.tensor(BT601_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        weights = self._constant("luma", lambda: torch.tensor(BT601_LUMA, dtype=torch.float64).view(1, 3, 1, 1), images)
         luma = (images * weights).sum(dim=1, keepdim=True)
         return luma.expand_as(images).contiguous()
 

@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from cloakbench.devices import prepare_cuda_env
+    from cloakbench.cuda_env import prepare_cuda_env
 
     prepare_cuda_env()  # before the first CUDA matmul of the process (cuBLAS reads it once)
     try:

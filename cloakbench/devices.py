@@ -44,10 +44,11 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from cloakbench.cuda_env import CUBLAS_DETERMINISTIC as CUBLAS_DETERMINISTIC  # re-exported
+from cloakbench.cuda_env import CUBLAS_ENV as CUBLAS_ENV
+from cloakbench.cuda_env import prepare_cuda_env as prepare_cuda_env
 
-CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
-CUBLAS_DETERMINISTIC = ":4096:8"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,16 +122,6 @@ def cuda_initialized() -> bool:
     return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
 
 
-def prepare_cuda_env() -> bool:
-    """Set ``CUBLAS_WORKSPACE_CONFIG=":4096:8"`` unless the environment already has a value; call it at program
-    start, before any CUDA work (see the module docstring). Returns whether it set the variable. Harmless on a
-    machine without CUDA (an environment variable nothing reads)."""
-    if os.environ.get(CUBLAS_ENV):
-        return False
-    os.environ[CUBLAS_ENV] = CUBLAS_DETERMINISTIC
-    return True
-
-
 @dataclass(frozen=True)
 class _DeterminismState:
     algorithms: bool
@@ -167,7 +158,7 @@ def deterministic(device: torch.device | str) -> Iterator[None]:
     if env_set_here and device.type == "cuda" and cuda_initialized():
         log.warning(
             "%s was set after CUDA started: workspaces already made keep their size, so matrix products may not be "
-            "deterministic although torch no longer warns; call cloakbench.devices.prepare_cuda_env() at "
+            "deterministic although torch no longer warns; call cloakbench.cuda_env.prepare_cuda_env() at "
             "program start",
             CUBLAS_ENV,
         )

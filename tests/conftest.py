@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if not config.getoption("benchmark_only", False) and not config.getoption("benchmark_enable", False):
         config.option.benchmark_disable = True
-    from cloakbench.devices import prepare_cuda_env
+    from cloakbench.cuda_env import prepare_cuda_env
 
     prepare_cuda_env()  # before any test's first CUDA matmul, as the CLI does (cloakbench.devices)
 

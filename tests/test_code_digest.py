@@ -25,9 +25,12 @@ def test_source_digest_follows_the_code(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_every_cloak_key_carries_the_defense_code() -> None:
-    """The runner keys cloaks by the source of cloakbench.defenses and the transforms' twins (robust cloaks):
-    editing any of them (a step of Fawkes, a budget rule) makes every cloak new."""
-    assert set(runner.DEFENSE_CODE) == {"cloakbench.defenses", "cloakbench.attacks.transforms"}
+    """The runner keys cloaks by the source of cloakbench.defenses, the transforms' twins (robust cloaks) and the
+    recognizers (a rewrite of a network's layers can move its gradients): editing any of them (a step of Fawkes, a
+    budget rule, a PReLU) makes every cloak new."""
+    assert set(runner.DEFENSE_CODE) == {
+        "cloakbench.defenses", "cloakbench.attacks.transforms", "cloakbench.attacks.recognizers",
+    }  # fmt: skip
     root = Path(runner.__file__).resolve().parents[1]
     text = (root / "bench" / "runner.py").read_text()
     assert '"cloak", CLOAK_VERSION, defense.config_dict(), code, DECODER_VERSION,' in text  # and the decoder's rules

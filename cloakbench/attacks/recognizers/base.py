@@ -218,8 +218,9 @@ class Recognizer(abc.ABC):
         """Images per forward pass of :meth:`embed_batched` (no gradients): :attr:`cpu_embed_batch` on a CPU, 256 on
         a GPU. Optimisation loops keep :attr:`preferred_batch_size` (their cloaks do not depend on this one).
 
-        Measured on the 2-core Intel Xeon of 2026-12-02, images/s embedding 32 faces: SFace 155 at batch 8 and 110
-        at 32 (its depthwise layers want the activations in cache); FaceNet-CASIA 74 at batch 8 and 88 at 32."""
+        SFace is fastest at 8 (see :attr:`preferred_batch_size`); FaceNet-CASIA embeds 32 faces at 73 images/s in
+        batches of 8 and 87 in batches of 32 (2-core Intel Xeon, 2026-12-02,
+        ``benchmarks/results/speed_cpu/measure-after.json``)."""
         return self.cpu_embed_batch if self.device.type == "cpu" else 256
 
     def embed_batched(self, images: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:

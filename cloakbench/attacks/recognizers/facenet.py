@@ -499,8 +499,9 @@ def load_facenet_msceleb(*, channels_last: bool = True) -> InceptionResNetV1:
 
 
 CPU_EMBED_BATCH = 32
-"""Inception-ResNet-v1 embeds faster in batches of 32 than of 8 on a CPU (measured: 88 vs 74 images/s on the 2-core
-Intel Xeon of 2026-12-02; :attr:`~cloakbench.attacks.recognizers.base.Recognizer.embed_batch_size`)."""
+"""Inception-ResNet-v1 embeds faster in batches of 32 than of 8 on a CPU (measured: 87 vs 73 images/s on the 2-core
+Intel Xeon of 2026-12-02, ``benchmarks/results/speed_cpu/measure-after.json``;
+:attr:`~cloakbench.attacks.recognizers.base.Recognizer.embed_batch_size`)."""
 
 
 def facenet_casia(*, device: str = "cpu") -> TorchRecognizer:

@@ -10,13 +10,14 @@ the backward pass one multiplication by a slope map saved in the forward pass (1
 x < 0, 0 where x = 0). An earlier version wrote PReLU as ``relu(x) - a * relu(-x)`` (five kernels forward, about
 seven backward); torch's own PReLU backward computes the slopes' gradient too, a reduction over every
 activation, and took 42 % of SFace's forward+backward time. Measured on the 2-core Intel Xeon of 2026-12-02
-(``benchmarks/results/speed_cpu.md``), against the relu form: embedding 1.8x faster (batch 8: 85 -> 161
-images/s), forward+backward 1.5x (batch 8: 35 -> 53 images/s; ``nn.PReLU``'s backward: 41). Embeddings and input
-gradients are bit-identical to the relu form's, at x = 0 too (where ``nn.PReLU``'s gradient would be ``a``
-times the incoming one and the relu form's is 0), so cloaks made by older code are the same bits. The slopes span
--0.81..1.12 on SFace, so ``max(x, a * x)`` (valid only for 0 <= a <= 1) is not the same function. Our own fold
-is kept rather than ``torch.nn.utils.fusion.fuse_conv_bn_eval``: that one rounds differently (embeddings move
-by ~2e-6), which would change every cloak for no speed.
+(``benchmarks/results/speed_cpu.md``, ``speed_cpu/measure-after.json``), against the relu form: embedding 1.8x
+faster (batch 8: 88 -> 159 images/s), forward+backward 1.6x (batch 8: 29.5 -> 48.2 images/s; ``nn.PReLU``'s
+backward: 41.4). Embeddings and input gradients are bit-identical to the relu form's, at x = 0 too (where
+``nn.PReLU``'s gradient would be ``a`` times the incoming one and the relu form's is 0), so cloaks made by older
+code are the same bits (``speed_cpu/fp-compare.json``). The slopes span -0.81..1.12 on SFace, so ``max(x, a * x)``
+(valid only for 0 <= a <= 1) is not the same function. Our own fold is kept rather than
+``torch.nn.utils.fusion.fuse_conv_bn_eval``: that one rounds differently (embeddings move by ~2e-6), which would
+change every cloak for no speed.
 """
 
 from __future__ import annotations

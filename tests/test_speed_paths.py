@@ -153,6 +153,9 @@ def test_black_boxes_refuse_bf16_and_the_pool_leaves_them_in_fp32() -> None:
     with pytest.raises(ConfigError, match="float32 only"):
         onnx.set_precision("bf16")
     assert ModelPool(CPU, precision="bf16").get("sface-onnx").compute() == "cpu/fp32"
+    # a session that onnxruntime runs on its CUDA provider is another compute (its embeddings, another cache key)
+    onnx.providers_used = ("CUDAExecutionProvider", "CPUExecutionProvider")  # type: ignore[attr-defined]
+    assert onnx.compute() == "cuda-onnxruntime/fp32"
 
 
 def test_precision_keys_leave_fp32_digests_as_they_were() -> None:

@@ -119,9 +119,13 @@ class Recognizer(abc.ABC):
         return self
 
     def compute(self) -> str:
-        """Device type, precision and (on CUDA) TF32 matmuls: what besides the weights moves an embedding."""
+        """Device type, precision and (on CUDA) TF32 matmuls: what besides the weights moves an embedding. An
+        onnxruntime session's device is its first provider's (``cuda-onnxruntime`` when CUDA's runs it)."""
         device = self.device
         parts = [device.type, self.precision.value]
+        providers = getattr(self, "providers_used", ())  # an onnxruntime session runs where its first provider is
+        if providers and providers[0] == "CUDAExecutionProvider":
+            parts[0] = "cuda-onnxruntime"
         if device.type == "cuda":
             parts.append("tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 else "ieee")
         return "/".join(parts)

@@ -1,5 +1,5 @@
-"""Command-line interface: ``cloakbench run | export | report | leaderboard | list | validate | protect | cache |
-bench``.
+"""Command-line interface: ``cloakbench run | export | report | leaderboard | list | validate | protect | data |
+cache | bench``.
 
 Exit codes: 0 success; 1 the run finished but some cells failed (``protect``: some photos were skipped);
 2 bad input (suite, dataset, arguments, a damaged or empty results store) or a full disk; 3 a required file
@@ -415,6 +415,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from cloakbench.datasets import celeb24
+
+    if args.verify:
+        problems = celeb24.verify(Path(args.verify))
+        if problems:
+            raise DatasetError(f"celeb24 at {args.verify} does not match its manifest: {'; '.join(problems)}")
+        sys.stdout.write(f"{args.verify}: all {len(celeb24.manifest())} files match the manifest\n")
+        return EXIT_OK
+    dest = celeb24.build(Path(args.dest), source=Path(args.source) if args.source else None)
+    sys.stdout.write(f"{dest}: celeb24, all {len(celeb24.manifest())} files verified\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloakbench", description="Benchmark face cloaking defenses against face recognizers."
@@ -571,6 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mode.add_argument("--quiet", action="store_true", help="no progress and no table")
     bench_mode.add_argument("--json", action="store_true", help="print the stored rows as JSON (for scripts)")
     bench.set_defaults(func=_cmd_bench)
+
+    data = sub.add_parser("data", help="get or check a dataset the project's tests use (celeb24)")
+    data.add_argument("dataset", choices=["celeb24"])
+    data_mode = data.add_mutually_exclusive_group(required=True)
+    data_mode.add_argument(
+        "--dest", metavar="DIR", help="build it here from its public source (verified file by file; an existing "
+        "folder is verified instead)",
+    )  # fmt: skip
+    data_mode.add_argument("--verify", metavar="DIR", help="check a copy against the manifest shipped with cloakbench")
+    data.add_argument(
+        "--source", metavar="PATH", help="a checkout of the source repository or its commit's .tar.gz (default: "
+        "download it from GitHub)",
+    )  # fmt: skip
+    data.set_defaults(func=_cmd_data)
 
     cache = sub.add_parser("cache", help="show or prune the cache (cloaks, embeddings, checkpoints, models, ...)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)

@@ -34,13 +34,18 @@ def celeb24_path() -> Path:
 
 @pytest.fixture(scope="session")
 def celeb24_root() -> Path:
+    from cloakbench.datasets import celeb24
+
     path = celeb24_path()
     if not path.is_dir():
         pytest.fail(
-            f"celeb24 dataset not found at {path}; put the shared folder beside the project or set "
-            "CLOAKBENCH_CELEB24 to its location",
+            f"celeb24 dataset not found at {path}; build it with `cloakbench data celeb24 --dest {path}` (from its "
+            "public source, verified file by file), or set CLOAKBENCH_CELEB24 to a copy",
             pytrace=False,
         )
+    problems = celeb24.verify(path)  # every file against the manifest shipped with cloakbench (about 0.3 s)
+    if problems:
+        pytest.fail(f"celeb24 at {path} is not the expected copy: {'; '.join(problems)}", pytrace=False)
     return path
 
 

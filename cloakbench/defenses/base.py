@@ -128,12 +128,12 @@ class Defense(abc.ABC):
 
     def _optimise_all(self, images: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """:meth:`_optimise` over ``images`` in batches of :meth:`batch_size` on the surrogates' device, the batch
-        halved on a CUDA out-of-memory error; the cloaks come back on the CPU."""
+        halved on a CUDA out-of-memory error; the cloaks stay on that device (the budget runs there next)."""
         device = self.surrogates[0].device
 
         def run(size: int) -> torch.Tensor:
             outs = [
-                self._optimise(images[i : i + size].to(device), starts[i : i + size].to(device)).cpu()
+                self._optimise(images[i : i + size].to(device), starts[i : i + size].to(device))
                 for i in range(0, images.shape[0], size)
             ]
             return torch.cat(outs)

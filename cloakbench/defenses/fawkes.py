@@ -260,10 +260,11 @@ class Fawkes(Defense):
         return self._optimise_v1(images, starts)
 
     def _protect(self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator) -> torch.Tensor:
-        out = torch.empty_like(images)
+        device = self.surrogates[0].device  # the cloaks stay there: the budget runs there next
+        out = torch.empty_like(images, device=device)
         for ident in dict.fromkeys(identities):  # each user in turn, in order of first appearance
             idx = torch.tensor([i for i, x in enumerate(identities) if x == ident])
-            out[idx] = self._protect_user(images[idx], ident, identities, generator)
+            out[idx.to(device)] = self._protect_user(images[idx], ident, identities, generator)
         return out
 
     def _protect_user(
@@ -286,7 +287,7 @@ class Fawkes(Defense):
             return self._optimise_all(images, self._starts(images, generator))
         outs = []
         for sl in batches(images.shape[0], self.batch_size()):
-            outs.append(self._optimise_paper(images[sl].to(device), targets[sl].to(device)).cpu())
+            outs.append(self._optimise_paper(images[sl].to(device), targets[sl].to(device)))
         return torch.cat(outs)
 
     def _optimizer(self, modifier: torch.Tensor) -> torch.optim.Optimizer:

@@ -229,7 +229,7 @@ def fingerprint(out: Path) -> None:
 
 
 def compare(a: Path, b: Path) -> dict[str, Any]:
-    first, second = torch.load(a), torch.load(b)
+    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     return {
         name: {
             "same_bits": bool(torch.equal(first[name], second[name])),

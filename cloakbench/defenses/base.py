@@ -172,6 +172,15 @@ class Defense(abc.ABC):
         """The photos among ``photo_ids`` that this defense leaves clean on purpose, with why (default: none)."""
         return {}
 
+    def _check_input(self, images: torch.Tensor, identities: Sequence[str]) -> None:
+        """The canonical image contract and one identity label per image (what :meth:`protect` and
+        :meth:`protect_groups` both require)."""
+        check_images(images, what=f"{self.name}.protect input")
+        if len(identities) != images.shape[0]:
+            raise ImageContractError(
+                f"{self.name}.protect: {images.shape[0]} images but {len(identities)} identity labels"
+            )
+
     @final
     def protect(
         self, images: torch.Tensor, identities: Sequence[str], *, generator: torch.Generator,
@@ -179,11 +188,7 @@ class Defense(abc.ABC):
     ) -> torch.Tensor:  # fmt: skip
         """Cloak a canonical batch of one user's (or several users') photos (``photo_ids``: their dataset image ids,
         required by a defense with :attr:`needs_photo_ids`, ignored by the others)."""
-        check_images(images, what=f"{self.name}.protect input")
-        if len(identities) != images.shape[0]:
-            raise ImageContractError(
-                f"{self.name}.protect: {images.shape[0]} images but {len(identities)} identity labels"
-            )
+        self._check_input(images, identities)
         if photo_ids is not None and len(photo_ids) != images.shape[0]:
             raise ImageContractError(f"{self.name}.protect: {images.shape[0]} images but {len(photo_ids)} photo ids")
         if self.needs_photo_ids and photo_ids is None:
@@ -224,11 +229,7 @@ class Defense(abc.ABC):
         if not self.independent_images or self.needs_photo_ids or len(groups) < 2:
             return [self.protect(g.images, g.identities, generator=g.generator, photo_ids=g.photo_ids) for g in groups]
         for g in groups:
-            check_images(g.images, what=f"{self.name}.protect input")
-            if len(g.identities) != g.images.shape[0]:
-                raise ImageContractError(
-                    f"{self.name}.protect: {g.images.shape[0]} images but {len(g.identities)} identity labels"
-                )
+            self._check_input(g.images, g.identities)
         sizes = [g.images.shape[0] for g in groups]
         images = torch.cat([g.images for g in groups])
         starts = torch.cat([self._starts(g.images, g.generator) for g in groups])

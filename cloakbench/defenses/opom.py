@@ -218,7 +218,7 @@ class OPOM(Defense):
         cfg = self.config
         device = self.surrogates[0].device
         x = photos.to(device)
-        batch_size = cfg.batch_size or self.surrogates[0].preferred_batch_size
+        batch_size = self.batch_size()
         # every photo starts from its own uniform noise in the ball (kept inside [0, 1], which embed requires)
         noise = ((2 * torch.rand(x.shape, generator=generator) - 1) * cfg.epsilon).to(device)
         adv = (x + noise).clamp(0, 1)
